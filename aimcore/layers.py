@@ -1,0 +1,130 @@
+"""Trunk building blocks with ml-aim v1 parameter names (AIM_FACTS §1-§3).
+
+Shapes: B batch, N tokens (h*w grid in raster order), D width, H heads, hd = D/H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "Block",
+    "PatchEmbed",
+    "prefix_causal_attn_mask",
+    "prefix_mask_from_lengths",
+    "sincos_pos_embed_2d",
+]
+
+
+def sincos_pos_embed_2d(h: int, w: int, dim: int) -> Tensor:
+    """Fixed 2D sin-cos table, (h*w, dim) float32 on the CPU.
+
+    Channel layout per token t = row*w + col: [sin(col*ω), cos(col*ω), sin(row*ω), cos(row*ω)], each D/4 wide,
+    ω_k = 10000^(-k/(D/4)). Computed in float32 with the same operation order as the reference so the table is
+    bit-identical (the reference rebuilds it in float32 on the CPU every forward).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos width must be divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = torch.arange(quarter, dtype=torch.float32)
+    omega /= quarter
+    omega = 1.0 / 10000**omega  # (D/4,)
+
+    def encode(pos: Tensor) -> Tensor:  # (M,) -> (M, D/2)
+        angles = pos[:, None] * omega[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    rows = torch.arange(h, dtype=torch.float32).repeat_interleave(w)  # (h*w,) row index of each token
+    cols = torch.arange(w, dtype=torch.float32).repeat(h)  # (h*w,) column index of each token
+    return torch.cat([encode(cols), encode(rows)], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchifier + LayerNorm: (B, C, H, W) -> (B, N, D), tokens in raster order."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, eps: float) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch_size
+        if x.ndim != 4 or x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"expected images (B, C, H, W) with H and W multiples of {p}, got {tuple(x.shape)}")
+        x = self.proj(x)  # (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        return self.norm(x)
+
+
+def prefix_mask_from_lengths(prefix_lens: Tensor, num_tokens: int) -> Tensor:
+    """(B,) prefix lengths -> (B, N) bool mask in the reference convention: False = prefix, True = non-prefix."""
+    positions = torch.arange(num_tokens, device=prefix_lens.device)
+    return positions[None, :] >= prefix_lens[:, None]
+
+
+def prefix_causal_attn_mask(mask: Tensor) -> Tensor:
+    """(B, N) bool (True = non-prefix) -> (B, 1, N, N) bool SDPA mask, True = may attend.
+
+    A query may attend to a key when the key is not after it, or when the key is a prefix token. Prefix tokens
+    therefore see the whole prefix and never a non-prefix token; an all-False mask is full bidirectional attention.
+    """
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise ValueError(f"prefix mask must be a (B, N) bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    n = mask.shape[1]
+    idx = torch.arange(n, device=mask.device)
+    causal = idx[None, :] <= idx[:, None]  # (N_q, N_k): key index <= query index
+    key_is_prefix = ~mask[:, None, :]  # (B, 1, N_k)
+    return (causal[None] | key_is_prefix)[:, None]  # (B, 1, N_q, N_k)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused, bias-free qkv projection ([q | k | v] rows, head-major)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, hd)
+        out = out.transpose(1, 2).reshape(b, n, d)
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2, no biases."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Submodules are assigned in the reference order (attn, norm_1, mlp, norm_2)
+    so `state_dict()` lists keys in the reference order too."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, eps: float) -> None:
+        super().__init__()
+        self.attn = Attention(dim, num_heads)
+        self.norm_1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, dim * mlp_ratio)
+        self.norm_2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm_1(x), attn_mask)
+        return x + self.mlp(self.norm_2(x))
