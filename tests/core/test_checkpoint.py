@@ -206,3 +206,26 @@ def test_unknown_source_and_weightless_flavor_are_clear(tmp_path) -> None:
         load_model("aim-debug")
     with pytest.raises(ModelUnavailableError, match="no weight files"):
         load_model(tmp_path)
+
+
+def test_manifest_round_trip_and_validation(tmp_path, debug_model) -> None:
+    from aimcore.manifest import ExportManifest, read_manifest, write_manifest
+
+    manifest = ExportManifest(
+        artifact="model.onnx",
+        kind="onnx",
+        precision="fp32",
+        artifact_sha256="0" * 64,
+        config=debug_model.config.to_dict(),
+        preprocess=aimcore.PreprocessConfig.for_size(32).to_dict(),
+        source={"checkpoint": "x.safetensors", "sha256": "1" * 64},
+        outputs={"embedding": ["B", 64], "pooled": ["B", 64], "logits": ["B", 10]},
+        labels=[str(i) for i in range(10)],
+    )
+    write_manifest(manifest, tmp_path)
+    back = read_manifest(tmp_path)
+    assert back == manifest and back.model_config == debug_model.config
+    with pytest.raises(ValueError, match="precision"):
+        ExportManifest(**{**manifest.to_dict(), "precision": "fp8"})
+    with pytest.raises(FileNotFoundError):
+        read_manifest(tmp_path / "nowhere")
