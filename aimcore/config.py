@@ -73,6 +73,11 @@ class AimConfig:
 
     # ----- derived shapes -----
     @property
+    def num_blocks(self) -> int:
+        """ml-aim's name for `depth`."""
+        return self.depth
+
+    @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
@@ -127,6 +132,17 @@ class AimConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AimConfig:
+        """Also accepts ml-aim / Hugging Face spellings: num_blocks (depth), probe_layers as a count (last k)."""
+        data = dict(data)
+        if "num_blocks" in data:
+            depth = data.pop("num_blocks")
+            if data.setdefault("depth", depth) != depth:
+                raise ValueError(f"num_blocks {depth} and depth {data['depth']} disagree")
+        for key in ("probe_layers", "best_probe_layers"):
+            if isinstance(data.get(key), int):  # ml-aim's factories take probe_layers=6 to mean "the last 6"
+                data[key] = tuple(range(data["depth"] - data[key], data["depth"]))
+        if "probe_layers" in data and "best_probe_layers" not in data:
+            data["best_probe_layers"] = data["probe_layers"]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

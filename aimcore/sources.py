@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +51,7 @@ class ModelUnavailableError(CheckpointError):
 
 def load_model(
     source: str | os.PathLike[str],
-    config: AimConfig | None = None,
+    config: AimConfig | Mapping[str, Any] | str | None = None,
     *,
     head: str | os.PathLike[str] | None = None,
     probe_layers: str | tuple[int, ...] | None = None,
@@ -58,9 +60,15 @@ def load_model(
     """Load an AIM model in eval mode.
 
     source: a weights file (backbone, merged or ours), a folder holding them, `aim-demo`, a released flavor name
-    or a Hugging Face repo id. head: an optional separate head file (released `..._head_best_layers.pth` or ours).
+    or a Hugging Face repo id. config: an AimConfig, a dict of its fields, or a flavor name; None reads it from the
+    file's metadata or a config.json, else infers it from the tensor shapes (assuming head dim 128, as released).
+    head: an optional separate head file (released `..._head_best_layers.pth` or ours).
     probe_layers: "best", "last" or block indices, overriding what the files imply.
     """
+    if isinstance(config, str):
+        config = get_flavor(config)
+    elif isinstance(config, Mapping):
+        config = AimConfig.from_dict(config)
     files, implied_layers, hf_config = resolve_files(source, head=head, probe_layers=probe_layers)
     parts = [read_weights(f) for f in files]
     if config is None and hf_config is not None and all(p.config is None for p in parts):

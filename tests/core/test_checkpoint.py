@@ -229,3 +229,22 @@ def test_manifest_round_trip_and_validation(tmp_path, debug_model) -> None:
         ExportManifest(**{**manifest.to_dict(), "precision": "fp8"})
     with pytest.raises(FileNotFoundError):
         read_manifest(tmp_path / "nowhere")
+
+
+def test_config_may_be_a_flavor_name_or_a_dict(debug_model, tmp_path, debug_images) -> None:
+    merged = tmp_path / "merged.pth"
+    torch.save(debug_model.state_dict(), merged)
+    by_name = load_model(merged, "aim-debug")
+    as_dict = {
+        "embed_dim": 64,
+        "num_blocks": 4,
+        "num_heads": 2,
+        "patch_size": 8,
+        "img_size": 32,
+        "num_classes": 10,
+        "probe_layers": [1, 2],
+    }
+    by_dict = load_model(merged, as_dict)
+    assert by_name.config == by_dict.config.replace(name="aim-debug", decoder_dim=64, decoder_depth=2)
+    assert_same_outputs(debug_model, by_dict, debug_images)
+    assert aimcore.AimConfig.from_dict({**as_dict, "probe_layers": 2}).probe_layers == (2, 3)
