@@ -27,7 +27,7 @@ from aimcore.checkpoint import (
     load_model_from_files,
     read_weights,
 )
-from aimcore.config import AimConfig, canonical_flavor, get_flavor
+from aimcore.config import FLAVORS, AimConfig, canonical_flavor, get_flavor
 from aimcore.model import AimModel
 
 __all__ = ["BUNDLED_DIR", "RELEASED_FILES", "ModelUnavailableError", "load_model", "resolve_files"]
@@ -170,39 +170,35 @@ def _files_in(path: Path, wanted: str | None) -> tuple[list[Path], str | None, A
     return files, implied, _hf_config(path / "config.json")
 
 
+_HF_CONFIG_KEYS = (
+    "img_size",
+    "patch_size",
+    "embed_dim",
+    "num_blocks",
+    "depth",
+    "num_heads",
+    "num_classes",
+    "num_channels",
+    "probe_layers",
+)
+
+
 def _hf_config(path: Path) -> AimConfig | None:
-    """A `PyTorchModelHubMixin` config.json (flat: img_size, patch_size, embed_dim, num_blocks, num_heads, ...)."""
+    """A `PyTorchModelHubMixin` config.json (flat: img_size, patch_size, embed_dim, num_blocks, num_heads, ...).
+
+    A known released shape keeps its flavor's name and "best" layers; otherwise the last 6 blocks are the default
+    probe layers, as for ml-aim's factories."""
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     if "embed_dim" not in data:
         return None
-    base = next(
-        (
-            f
-            for f in (get_flavor(n) for n in RELEASED_FILES)
-            if (f.embed_dim, f.depth) == (data["embed_dim"], data.get("num_blocks"))
-        ),
-        None,
-    )
-    layers = data.get("probe_layers")
-    fields = {
-        "img_size": data.get("img_size", 224),
-        "patch_size": data.get("patch_size", 14),
-        "embed_dim": data["embed_dim"],
-        "depth": data.get("num_blocks", data.get("depth")),
-        "num_heads": data["num_heads"],
-        "num_classes": data.get("num_classes", 1000),
-    }
-    if isinstance(layers, list):
-        fields["probe_layers"] = tuple(layers)
-    elif isinstance(layers, int):
-        fields["probe_layers"] = tuple(range(fields["depth"] - layers, fields["depth"]))
-    if base is not None:
-        return base.replace(**fields)
-    best = fields.get("probe_layers") or tuple(range(fields["depth"] - 6, fields["depth"]))
-    fields.setdefault("probe_layers", best)
-    return AimConfig(name=path.parent.name, best_probe_layers=best, **fields)
+    fields = {k: data[k] for k in _HF_CONFIG_KEYS if k in data}
+    depth = int(fields.get("num_blocks", fields.get("depth", 0)))
+    base = next((f for f in FLAVORS.values() if (f.embed_dim, f.depth) == (fields["embed_dim"], depth)), None)
+    merged = base.to_dict() if base is not None else {"name": path.parent.name, "probe_layers": min(6, depth)}
+    merged.update(fields)
+    return AimConfig.from_dict(merged)
 
 
 def _looks_like_repo_id(text: str) -> bool:
