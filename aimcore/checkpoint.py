@@ -238,6 +238,11 @@ def load_model_from_files(
     state = loaded.state_dict
     if config is None:
         config = AimConfig.from_dict(loaded.config) if loaded.config is not None else infer_config(state)
+    # A head file of ours (head keys only, written with include_trunk=False) knows the probe layers it was trained
+    # on; they win over the trunk's defaults. An explicit `probe_layers` still wins over both (below).
+    head_part = next((p for p in parts if p.config and any(k.startswith(HEAD_PREFIX) for k in p.state_dict)), None)
+    if head_part is not None and head_part is not parts[0] and "probe_layers" in head_part.config:
+        config = config.replace(probe_layers=tuple(head_part.config["probe_layers"]))
     head_keys = [k for k in state if k.startswith(HEAD_PREFIX)]
     if not head_keys and config.has_head:
         expected_head = [k for k in build_model(config, device="meta").state_dict() if k.startswith(HEAD_PREFIX)]
@@ -247,6 +252,11 @@ def load_model_from_files(
             ", ".join(expected_head),
         )
         config = config.replace(num_classes=0)
+    elif head_keys and "head.linear.weight" in state:
+        # The head decides the class count: a bare trunk's config says 0 classes, a separate head file knows better.
+        config = config.replace(
+            num_classes=int(state["head.linear.weight"].shape[0]), head_linear_bias="head.linear.bias" in state
+        )
     elif head_keys:
         config = config.replace(head_linear_bias="head.linear.bias" in state)
     if probe_layers is not None:
@@ -278,20 +288,26 @@ def save_checkpoint(
     preprocess: PreprocessConfig | None = None,
     labels: list[str] | None = None,
     include_head: bool = True,
+    include_trunk: bool = True,
 ) -> Path:
     """Write our self-describing safetensors file atomically (temp file, fsync, rename).
 
     The metadata carries the config, the preprocessing, provenance and optional labels, so the file alone rebuilds
-    the model and its input pipeline.
+    the model and its input pipeline. `include_trunk=False` writes a head file (only `head.*` keys, the released
+    head layout) whose metadata still holds the full config: `load_model(trunk, head=that_file)` takes it.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
+    if not (include_head or include_trunk):
+        raise ValueError("nothing to save: include_head and include_trunk are both False")
+    if not include_trunk and model.head is None:
+        raise ValueError(f"model {model.config.name!r} has no head to save (include_trunk=False)")
     config = model.config if include_head else model.config.replace(num_classes=0)
     tensors = {
         k: v.detach().to("cpu").contiguous()
         for k, v in model.state_dict().items()
-        if include_head or not k.startswith(HEAD_PREFIX)
+        if (include_head or not k.startswith(HEAD_PREFIX)) and (include_trunk or k.startswith(HEAD_PREFIX))
     }
     if labels is None:
         labels = getattr(model, "labels", None)

@@ -24,6 +24,23 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _default_mode(target: Path) -> int:
+    """The mode a plain open() would give: the existing file's, else 0o666 minus the umask (mkstemp's 0o600 would
+    make checkpoints unreadable to a container's non-root user)."""
+    try:
+        return target.stat().st_mode & 0o777
+    except FileNotFoundError:
+        pass
+    umask = 0o022
+    try:  # reading the umask via os.umask() would briefly change it for every thread
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `target` durably, on error it is removed."""
@@ -34,6 +51,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(target))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -5,6 +5,8 @@ Shapes: B batch, N tokens (h*w grid in raster order), D width, H heads, hd = D/H
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +16,7 @@ __all__ = [
     "Attention",
     "Block",
     "PatchEmbed",
+    "attend",
     "prefix_causal_attn_mask",
     "prefix_mask_from_lengths",
     "sincos_pos_embed_2d",
@@ -82,6 +85,31 @@ def prefix_causal_attn_mask(mask: Tensor) -> Tensor:
     return (causal[None] | key_is_prefix)[:, None]  # (B, 1, N_q, N_k)
 
 
+_COMPILED_FLEX: Any = None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Any = None) -> Tensor:
+    """Scaled dot-product attention over (B, H, N, hd) tensors, dispatched on the mask's type.
+
+    None or a bool tensor (True = may attend) goes to SDPA, as in the reference. A FlexAttention `BlockMask`
+    (built by the pre-training code for the prefix-causal mask on CUDA) goes to `flex_attention`, compiled once
+    on CUDA unless we are already inside a compiled region (eager flex materialises the full score matrix).
+    """
+    if attn_mask is None or isinstance(attn_mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if not isinstance(attn_mask, BlockMask):
+        raise TypeError(f"attn_mask must be None, a bool tensor or a FlexAttention BlockMask, got {type(attn_mask)}")
+    global _COMPILED_FLEX
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention)
+        fn = _COMPILED_FLEX
+    return fn(q, k, v, block_mask=attn_mask)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused, bias-free qkv projection ([q | k | v] rows, head-major)."""
 
@@ -91,12 +119,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Any = None) -> Tensor:
+        """attn_mask: None (bidirectional), a (B, 1, N, N) bool SDPA mask, or a FlexAttention BlockMask."""
         b, n, d = x.shape
         h = self.num_heads
         qkv = self.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
         q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, hd)
+        out = attend(q, k, v, attn_mask)  # (B, H, N, hd)
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj(out)
 
@@ -125,6 +154,6 @@ class Block(nn.Module):
         self.mlp = MLP(dim, dim * mlp_ratio)
         self.norm_2 = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Any = None) -> Tensor:
         x = x + self.attn(self.norm_1(x), attn_mask)
         return x + self.mlp(self.norm_2(x))

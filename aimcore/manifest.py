@@ -54,6 +54,10 @@ class ExportManifest:
     outputs: output name -> shape with "B" for the dynamic batch axis, e.g. {"embedding": ["B", 1536]}.
     parity: measured agreement with PyTorch, free-form but numeric (e.g. {"embedding_max_rel_err": 3e-6}).
     runtime: versions and settings (opset, onnxruntime / TensorRT version, batch profile).
+    labels: class names for the logits, when the checkpoint carried them.
+    reference: optional golden outputs beside the artefact for a start-up self-check, e.g. {"file":
+        "reference.npz", "sha256": ..., "rows": 5, "tolerance": {"max_rel_err": 1e-4}}; the .npz holds `pixels`
+        (rows, C, S, S) and PyTorch fp32 arrays named like the outputs. None in manifests that predate it.
     """
 
     artifact: str
@@ -67,6 +71,7 @@ class ExportManifest:
     parity: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
     labels: list[str] | None = None
+    reference: dict[str, Any] | None = None
     format: str = MANIFEST_FORMAT
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,8 @@ class AimModel(nn.Module):
         x: Tensor,
         mask: Tensor | None = None,
         outputs: Iterable[str] | None = None,
+        *,
+        attn_mask: Any = None,
     ) -> AimFeatures:
         """Run the model on normalised images x (B, C, H, W).
 
@@ -128,6 +131,8 @@ class AimModel(nn.Module):
         None is bidirectional attention, as at inference.
         outputs: the subset of FEATURE_OUTPUTS wanted (default: all). When neither "tokens" nor "blocks" is
         asked for, the trunk stops after the last probe layer: the blocks after it cannot change the head.
+        attn_mask: optional prebuilt attention mask shared by every block, used instead of `mask` (give one or the
+        other): a (B, 1, N, N) bool SDPA mask or a FlexAttention BlockMask (pre-training builds it once per step).
         """
         wanted = frozenset(FEATURE_OUTPUTS if outputs is None else outputs)
         unknown = wanted - set(FEATURE_OUTPUTS)
@@ -135,7 +140,10 @@ class AimModel(nn.Module):
             raise ValueError(f"unknown feature outputs {sorted(unknown)}; choose from {FEATURE_OUTPUTS}")
         if self.head is None:
             wanted -= {"pooled", "logits"}
-        attn_mask = None if mask is None else prefix_causal_attn_mask(mask.to(x.device))
+        if attn_mask is not None and mask is not None:
+            raise ValueError("pass either mask or attn_mask, not both")
+        if mask is not None:
+            attn_mask = prefix_causal_attn_mask(mask.to(x.device))
 
         h = self.preprocessor(x)  # (B, N, D)
         last = self._last_block_needed(wanted)

@@ -1,1 +1,218 @@
-"""Inference backends behind one protocol (see base.py)."""
+"""Inference backends behind one protocol (see base.py), and `create_backend(settings)`.
+
+What `settings.model` names decides what can serve it:
+- an export directory (`manifest.json` beside `model.onnx` / `model.plan`), or a folder of such directories:
+  onnxruntime or tensorrt;
+- anything else `aimcore.load_model` takes (checkpoint file or folder, aim-demo, released flavor, HF id): torch;
+- nothing: the bundled aim-demo when shipped, else aim-debug with random weights (and a loud warning).
+`auto` picks, best first: a TensorRT engine (tensorrt package + GPU), ONNX Runtime (its TensorRT/CUDA providers
+first), PyTorch; each choice and each skipped candidate is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import aimcore
+from aimcore import AimModel, ModelUnavailableError, build_model, get_flavor, sha256_file
+from aimcore.manifest import MANIFEST_NAME, ExportManifest, read_manifest
+from service.backends.base import BACKEND_OUTPUTS, BackendInfo, InferenceBackend
+from service.backends.onnx_backend import onnx_providers
+from service.backends.torch_backend import TorchBackend, resolve_device
+from service.backends.trt_backend import tensorrt_available
+from service.settings import Settings
+
+__all__ = [
+    "BACKEND_OUTPUTS",
+    "BackendInfo",
+    "InferenceBackend",
+    "LoadedBackend",
+    "create_backend",
+    "find_artifacts",
+    "golden_path_for",
+]
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_WARNING = (
+    "SERVING aim-debug WITH RANDOM WEIGHTS: no model was configured and the bundled aim-demo is not installed. "
+    "Embeddings and labels are meaningless. Set AIM_MODEL (or --model) to a checkpoint, export directory or "
+    "released model (aim-600M ...)"
+)
+
+
+@dataclass
+class LoadedBackend:
+    """A ready backend plus what the boot self-check needs.
+
+    golden_path: where reference outputs stored with the model live (read if present).
+    reference: a torch model in fp32 to compute reference outputs from when none are stored (None: the backend
+    itself at batch 1 serves as reference, a batch-consistency check only).
+    """
+
+    backend: InferenceBackend
+    reason: str
+    golden_path: Path | None = None
+    reference: AimModel | None = None
+    warnings: list[str] = field(default_factory=list)
+    manifest: ExportManifest | None = None
+
+
+def find_artifacts(source: str | None) -> list[tuple[Path, ExportManifest]]:
+    """Export artefact directories named by `source` (the directory itself, its subdirectories, or the directory
+    of an artefact file). Empty when `source` is not an export."""
+    if source is None:
+        return []
+    path = Path(source)
+    if path.is_file() and path.suffix in (".onnx", ".plan", ".engine"):
+        path = path.parent
+    if not path.is_dir():
+        return []
+    dirs = (
+        [path]
+        if (path / MANIFEST_NAME).is_file()
+        else sorted(p for p in path.iterdir() if (p / MANIFEST_NAME).is_file())
+    )
+    return [(d, read_manifest(d)) for d in dirs]
+
+
+def golden_path_for(model: AimModel | None, source: str | None) -> Path | None:
+    """Reference outputs live beside the weights: `<checkpoint stem>.golden.npz`, or `golden.npz` in a folder."""
+    if source is not None and Path(source).is_dir():
+        return Path(source) / "golden.npz"
+    files = [Path(f) for f in getattr(model, "checkpoint_files", []) or []]
+    if not files:
+        return None
+    if len(files) > 1:  # backbone + head: the pair's folder
+        return files[0].parent / "golden.npz"
+    return files[0].with_suffix(".golden.npz")
+
+
+def _load_torch_model(settings: Settings) -> tuple[AimModel, str, list[str]]:
+    """(model, model id, warnings) for a non-artefact source, with the no-configuration fallbacks."""
+    layers: str | tuple[int, ...] | None = settings.probe_layers
+    if layers and layers not in ("best", "last"):
+        layers = tuple(int(i) for i in layers.split(","))
+    if settings.model is not None:
+        return aimcore.load_model(settings.model, head=settings.head, probe_layers=layers), settings.model, []
+    try:
+        return aimcore.load_model("aim-demo", probe_layers=layers), "aim-demo", []
+    except ModelUnavailableError:
+        pass
+    torch.manual_seed(0)  # the same random weights on every start, so vectors are at least stable
+    model = build_model(get_flavor("aim-debug")).eval()
+    banner = "!" * 100
+    logger.warning("\n%s\n%s\n%s", banner, RANDOM_WEIGHTS_WARNING, banner)
+    return model, "aim-debug (random weights)", [RANDOM_WEIGHTS_WARNING]
+
+
+def _reference_from_source(manifest: ExportManifest) -> AimModel | None:
+    """The torch model an artefact was exported from, when its weight files are still here and unchanged."""
+    ckpt = manifest.source.get("checkpoint")
+    entries = manifest.source.get("files") or []
+    if not ckpt or not entries:
+        return None
+    for entry in entries:
+        path = Path(entry.get("path", ""))
+        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            logger.info("export source %s is missing or changed; not using it as the self-check reference", path)
+            return None
+    return aimcore.load_model(ckpt, config=manifest.model_config)
+
+
+def _pick_artifact(settings: Settings, artifacts: list[tuple[Path, ExportManifest]]) -> tuple[str, Path, str]:
+    """(backend name, directory, reason) for an export source."""
+    by_kind = {m.kind: d for d, m in reversed(artifacts)}
+    trt_ok, trt_why = tensorrt_available()
+    providers = onnx_providers()
+    wanted = settings.backend
+    if wanted == "tensorrt" or (wanted == "auto" and "tensorrt" in by_kind and trt_ok):
+        if "tensorrt" not in by_kind:
+            raise ValueError(f"backend tensorrt needs a TensorRT engine directory; {settings.model} has none")
+        return "tensorrt", by_kind["tensorrt"], "a TensorRT engine is present and TensorRT + a GPU are usable"
+    skipped = []
+    if "tensorrt" in by_kind:
+        skipped.append(f"tensorrt skipped: {trt_why}")
+    if wanted in ("onnxruntime", "auto") and "onnx" in by_kind:
+        if not providers:
+            raise ValueError("the onnxruntime package is not installed: pip install onnxruntime")
+        gpu = [p for p in providers if p in ("TensorrtExecutionProvider", "CUDAExecutionProvider")]
+        where = f"GPU providers {gpu}" if gpu and settings.device != "cpu" else "CPUExecutionProvider"
+        return "onnxruntime", by_kind["onnx"], "; ".join([f"ONNX artefact with {where}", *skipped])
+    if wanted == "torch":
+        return "torch", artifacts[0][0], "torch asked for: serving the artefact's source checkpoint"
+    raise ValueError(f"backend {wanted!r} cannot serve {settings.model}: artefacts there are {sorted(by_kind)}")
+
+
+def create_backend(settings: Settings) -> LoadedBackend:
+    """Load what `settings` names on the backend it asks for (or the best present for `auto`)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    artifacts = find_artifacts(settings.model)
+    if artifacts:
+        name, directory, reason = _pick_artifact(settings, artifacts)
+        manifest = read_manifest(directory)
+        if name == "tensorrt":
+            from service.backends.trt_backend import TensorRTBackend
+
+            device = settings.device if settings.device.startswith("cuda") else "cuda"
+            backend: InferenceBackend = TensorRTBackend(
+                directory, device=device, max_batch_size=settings.max_batch_size
+            )
+        elif name == "onnxruntime":
+            from service.backends.onnx_backend import OnnxBackend
+
+            backend = OnnxBackend(
+                directory,
+                device=settings.device,
+                max_batch_size=settings.max_batch_size,
+                threads=settings.torch_threads,
+            )
+        else:
+            ref = _reference_from_source(manifest)
+            if ref is None:
+                raise ValueError(f"backend torch: the source checkpoint of {directory} is not available here")
+            backend = TorchBackend(
+                ref,
+                model_id=str(manifest.source.get("checkpoint")),
+                device=settings.device,
+                precision=settings.precision,
+                max_batch_size=settings.max_batch_size,
+            )
+            return LoadedBackend(backend, reason, golden_path_for(ref, None), reference=ref)
+        logger.info("backend %s for %s: %s", name, directory, reason)
+        stored = directory / "golden.npz"
+        if not stored.is_file() and manifest.reference:
+            stored = directory / str(manifest.reference.get("file", "reference.npz"))
+        ref = None if stored.is_file() else _reference_from_source(manifest)
+        return LoadedBackend(backend, reason, stored, reference=ref, manifest=manifest)
+
+    if settings.backend in ("onnxruntime", "tensorrt"):
+        raise ValueError(
+            f"backend {settings.backend} serves an exported artefact, and {settings.model or 'the default model'} is "
+            "a checkpoint: export it first (python -m export ...) and pass the export directory as --model"
+        )
+    model, model_id, warnings = _load_torch_model(settings)
+    device = resolve_device(settings.device)
+    what = "random weights" if warnings else "a checkpoint, not an export"
+    reason = f"the source is {what}: torch on {device}"
+    if settings.backend == "torch":
+        reason = f"torch asked for, on {device}"
+    if settings.backend == "auto" and device == "cpu" and torch.cuda.is_available() is False:
+        reason += " (no CUDA GPU; export to ONNX for onnxruntime)"
+    logger.info("backend torch for %s: %s", model_id, reason)
+    extra = {"random_weights": True} if warnings else {}
+    backend = TorchBackend(
+        model,
+        model_id=model_id,
+        device=device,
+        precision=settings.precision,
+        max_batch_size=settings.max_batch_size,
+        extra=extra,
+    )
+    source = settings.model if settings.model is not None else None
+    return LoadedBackend(backend, reason, golden_path_for(model, source), reference=model, warnings=warnings)

@@ -248,3 +248,21 @@ def test_config_may_be_a_flavor_name_or_a_dict(debug_model, tmp_path, debug_imag
     assert by_name.config == by_dict.config.replace(name="aim-debug", decoder_dim=64, decoder_depth=2)
     assert_same_outputs(debug_model, by_dict, debug_images)
     assert aimcore.AimConfig.from_dict({**as_dict, "probe_layers": 2}).probe_layers == (2, 3)
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path) -> None:
+    from aimcore.fsio import atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.json", "{}")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    target.chmod(0o640)
+    atomic_write_text(target, "{}")
+    assert target.stat().st_mode & 0o777 == 0o640
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

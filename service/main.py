@@ -1,0 +1,96 @@
+"""`create_app(settings)`: the FastAPI application and its lifespan.
+
+Lifespan: the engine starts loading in the background (so /healthz answers at once and /readyz says "loading"),
+warms the backend up at the largest batch, checks its outputs against golden reference outputs, and only then
+turns ready. Shutdown stops the batcher after the server has finished its in-flight requests, then frees the
+backend. SIGTERM handling (readiness first, then drain) lives in `service.server`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.backends.base import InferenceBackend
+from service.engine import Engine
+from service.errors import install_error_handlers
+from service.metrics import ServiceMetrics
+from service.middleware import ApiKeyPolicy, ServiceMiddleware
+from service.routes import inference, ops
+from service.schemas import ClassifyRequest, EmbedRequest
+from service.settings import Settings
+
+__all__ = ["create_app", "create_app_from_env"]
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "1.0.0"
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated spec plus the JSON request models the routes parse by hand (they accept multipart too)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (EmbedRequest, ClassifyRequest):
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(js.pop("$defs", {}))
+        components[model.__name__] = js
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    backend: InferenceBackend | None = None,
+    routers: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """The service app. `backend` replaces loading from settings (tests, benchmarks); `routers` adds routes (the
+    index) that share the engine, the error mapping, the API-key policy and the metrics."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics(settings.max_batch_size)
+    engine = Engine(settings, metrics, backend=backend)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(
+        title="AIM service",
+        version=API_VERSION,
+        description="Embeddings and classification from Apple's AIM v1 image models, with dynamic batching.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.include_router(inference.router)
+    app.include_router(ops.router)
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(
+        ServiceMiddleware,
+        metrics=metrics,
+        policy=ApiKeyPolicy((k.get_secret_value() for k in settings.api_keys), settings.auth_scope),
+        max_body_bytes=settings.max_body_bytes,
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory service.main:create_app_from_env` and multi-worker serving: settings from
+    the AIM_* environment."""
+    return create_app(Settings())

@@ -1,0 +1,76 @@
+"""Every Prometheus metric of the service, in one place, with the `aim_` prefix.
+
+One registry per app (not the global default), so several apps in one process (tests) never collide and /metrics
+shows exactly this service. Stage histograms are `*_seconds`: decode (per request, all its images), queue (per
+image, admission to compute start), compute (per backend call), request (end to end, per request).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
+
+# Milliseconds to a minute: the service's latencies span both (tiny CPU models to 7B on a busy GPU).
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _batch_buckets(max_batch: int) -> tuple[float, ...]:
+    """Powers of two up to the batch cap, and the cap itself, so a full batch lands in its own bucket."""
+    edges, b = [], 1
+    while b < max_batch:
+        edges.append(float(b))
+        b *= 2
+    edges.append(float(max_batch))
+    return tuple(edges)
+
+
+class ServiceMetrics:
+    def __init__(self, max_batch_size: int = 32, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_seconds = Histogram(
+            "aim_request_seconds", "End-to-end request time", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.decode_seconds = Histogram(
+            "aim_decode_seconds", "Decode and preprocess time per request", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "aim_queue_seconds", "Per-image wait from admission to compute start", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.compute_seconds = Histogram(
+            "aim_compute_seconds", "Backend time per batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "aim_batch_size", "Images per backend call", buckets=_batch_buckets(max_batch_size), registry=r
+        )
+        self.queue_depth = Gauge("aim_queue_depth", "Images waiting for a batch", registry=r)
+        self.admitted = Gauge("aim_admitted_images", "Images admitted and not yet computing", registry=r)
+        self.in_flight = Gauge("aim_in_flight_requests", "Requests being handled", ["endpoint"], registry=r)
+        self.requests = Counter(
+            "aim_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.failures = Counter(
+            "aim_failures",
+            "Failed requests, by endpoint and reason (the error code)",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.images = Counter("aim_images", "Images computed, by endpoint", ["endpoint"], registry=r)
+        self.dropped = Counter(
+            "aim_dropped_images", "Images dropped before compute (deadline, cancelled)", ["reason"], registry=r
+        )
+        self.bisections = Counter("aim_batch_bisections", "Failing batches split to isolate a bad input", registry=r)
+        self.ready = Gauge("aim_ready", "1 when /readyz answers 200", registry=r)
+        self.golden_ok = Gauge("aim_golden_check_ok", "1 when the boot self-check passed", registry=r)
+        self.golden_min_cosine = Gauge(
+            "aim_golden_min_cosine", "Lowest cosine between served and reference outputs at boot", registry=r
+        )
+        self.model_info = Info("aim_model", "What is being served", registry=r)
+
+    def record_failure(self, endpoint: str, reason: str) -> None:
+        self.failures.labels(endpoint, reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

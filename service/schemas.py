@@ -1,0 +1,132 @@
+"""Request and response models (OpenAPI at /docs). Inputs come as JSON (`{"images": [<base64>, ...]}`) or as
+multipart `files`; both shapes are declared in the spec, and parsed by `service.inputs`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ClassifyRequest",
+    "ClassifyResponse",
+    "EmbedRequest",
+    "EmbedResponse",
+    "ErrorDetail",
+    "ErrorResponse",
+    "Prediction",
+    "Recipe",
+    "error_responses",
+    "request_body",
+]
+
+Pooling = Literal["mean", "probe"]
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(
+        ..., min_length=1, description="base64-encoded image files (JPEG, PNG, WEBP), optionally as data: URIs"
+    )
+    pooling: Pooling = Field(
+        "mean", description="mean: mean of the final-normed tokens; probe: the head's attention-pooled vector"
+    )
+    normalize: bool = Field(True, description="L2-normalise each vector")
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(..., min_length=1, description="base64-encoded image files")
+    top_k: int = Field(5, ge=1, le=1000, description="labels per image (capped at the number of classes)")
+
+
+class Recipe(BaseModel):
+    """What made the vectors: compare `fingerprint` before mixing vectors from different calls or services."""
+
+    model_id: str
+    model_sha256: str
+    pooling: str
+    normalize: bool
+    layers: list[int] = Field(description="blocks whose outputs feed the vector")
+    norm: str = Field(description="the normalisation applied to those outputs before pooling")
+    dim: int
+    preprocess: dict[str, Any]
+    attention: str = "bidirectional"
+    backend: str
+    precision: str
+    fingerprint: str | None = Field(None, description="index-compatible recipe id (L2-normalised vectors only)")
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
+    count: int
+    recipe: Recipe
+
+
+class Prediction(BaseModel):
+    labels: list[str | None]
+    indices: list[int]
+    probs: list[float]
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    model_id: str
+    model_sha256: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _multipart_schema(extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["files"],
+        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}, **extra},
+    }
+
+
+_FORM_FIELDS = {
+    "embed": {
+        "pooling": {"type": "string", "enum": ["mean", "probe"], "default": "mean"},
+        "normalize": {"type": "boolean", "default": True},
+    },
+    "classify": {"top_k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5}},
+}
+
+
+def request_body(kind: Literal["embed", "classify"]) -> dict[str, Any]:
+    """`openapi_extra` declaring both body shapes; the JSON one refers to the pydantic model's schema."""
+    model = "EmbedRequest" if kind == "embed" else "ClassifyRequest"
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}},
+                "multipart/form-data": {"schema": _multipart_schema(_FORM_FIELDS[kind])},
+            },
+        }
+    }
+
+
+_ERROR_CASES = {
+    401: "API key missing or wrong (when keys are configured)",
+    409: "the model has no classification head",
+    413: "body, image count or image pixels over the limit",
+    415: "unsupported image format or content type",
+    422: "invalid request or image (code names the problem)",
+    429: "queue full: retry after Retry-After seconds",
+    503: "not ready (loading, self-check failed, or draining)",
+    504: "deadline passed (the message names the stage)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse, "description": _ERROR_CASES[s]} for s in statuses}

@@ -1,0 +1,111 @@
+"""Running the app under uvicorn with a graceful drain on SIGTERM / SIGINT.
+
+1. First signal: the engine turns "draining" (/readyz 503, requests still served) for `drain_grace_s`, long
+   enough for load balancers and Kubernetes probes to notice and stop routing here.
+2. Then uvicorn stops accepting connections and waits up to `drain_timeout_s` for in-flight requests; the
+   lifespan then stops the batcher (what is queued is computed first) and frees the backend. Exit code 0.
+A second signal skips the grace period; a third forces exit. A start that cannot become ready (load error,
+failed self-check) exits with code 1, so the orchestrator sees the failure instead of an unready pod forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.engine import Engine
+from service.main import create_app
+from service.settings import Settings
+
+__all__ = ["DrainingServer", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+        self.exit_code = 0
+        self._signals = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not calling super(): uvicorn would re-raise the signal after shutdown (exit status -15 instead of 0).
+        self._signals += 1
+        if self._signals == 1 and self.grace_s > 0:
+            logger.info("signal %d: draining for %.1fs before closing the listener", sig, self.grace_s)
+            self.engine.begin_drain()
+            timer = threading.Timer(self.grace_s, self._stop)
+            timer.daemon = True
+            timer.start()
+        elif self._signals <= 2:
+            self.engine.begin_drain()
+            self._stop()
+        else:
+            self.force_exit = True
+
+    def _stop(self) -> None:
+        self.should_exit = True
+
+    def fail(self, reason: str) -> None:
+        """Called by the engine when it cannot become ready."""
+        logger.error("exiting: %s", reason)
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def build_server(settings: Settings, app: FastAPI | None = None) -> DrainingServer:
+    app = app or create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # logging is configured once, by the entry point
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        timeout_keep_alive=30,
+    )
+    server = DrainingServer(config, app.state.engine, settings.drain_grace_s)
+    app.state.engine.on_fatal = server.fail
+    return server
+
+
+def serve(settings: Settings) -> int:
+    """Serve until a signal; returns the exit code."""
+    # The event loop shares the GIL with the decode and compute threads: after each socket wait it may queue up to
+    # one switch interval for the GIL (the convoy effect). 5 ms is CPython's default; lower trades a little thread
+    # throughput for loop latency (measured side by side in benchmarks/serve.py --compare-switch).
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
+    if settings.workers > 1:
+        # Each worker process builds its own app from the environment: hand the effective settings down.
+        for name, value in settings.model_dump(mode="json").items():
+            if value is None:
+                continue
+            if name == "api_keys":
+                value = ",".join(k.get_secret_value() for k in settings.api_keys)
+            elif isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            os.environ[f"AIM_{name.upper()}"] = str(value)
+        logger.warning("%d workers: each loads the model; the drain grace period is uvicorn's", settings.workers)
+        uvicorn.run(
+            "service.main:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        )
+        return 0
+    server = build_server(settings)
+    logger.info("serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    server.run()
+    return server.exit_code

@@ -1,0 +1,172 @@
+"""Service settings: environment variables with the `AIM_` prefix, overridden by command-line flags.
+
+Every field is both `AIM_<NAME>` (e.g. `AIM_MAX_BATCH_SIZE=16`) and `--<name-with-dashes>` (e.g.
+`--max-batch-size 16`); flags win over the environment, which wins over the defaults. `python -m service --help`
+lists them all with their help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["BACKENDS", "Settings", "add_settings_arguments", "settings_from_args"]
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIM_", extra="ignore", validate_default=True)
+
+    # ----- what to serve -----
+    model: str | None = Field(
+        None,
+        description="checkpoint file or folder, export directory (manifest.json), bundled name (aim-demo), released "
+        "flavor (aim-600M ...) or Hugging Face id. Unset: aim-demo when bundled, else aim-debug with random weights",
+    )
+    head: str | None = Field(None, description="separate head weights file (released ..._head_best_layers.pth)")
+    probe_layers: str | None = Field(None, description="'best', 'last' or comma-separated block indices")
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="auto picks the fastest present and logs why"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="torch backend compute dtype (GPU)")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch/onnxruntime (default: all)")
+
+    # ----- batching -----
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per backend call")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="longest a queued image waits for batch-mates")
+    max_queue: int = Field(256, ge=1, description="images admitted but not yet computing; beyond it 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="default per-request deadline")
+    max_request_timeout_s: float = Field(300.0, gt=0, description="cap on the X-Request-Timeout header")
+
+    # ----- input limits -----
+    max_body_bytes: int = Field(32 << 20, ge=1024, description="request body cap (JSON base64 or multipart)")
+    max_images_per_request: int = Field(32, ge=1, description="images in one request")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height cap, read from the header")
+    max_resized_pixels: int = Field(
+        16_000_000, ge=1, description="cap after the shorter-side resize (refuses extreme aspect ratios)"
+    )
+    allowed_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP"], description="Pillow format names, comma-separated"
+    )
+    jpeg_draft_min_pixels: int = Field(
+        2_000_000, ge=0, description="JPEGs above this many pixels decode at a reduced DCT scale (0 = never)"
+    )
+    decode_workers: int = Field(2, ge=1, le=64, description="threads decoding images")
+
+    # ----- self-check and lifecycle -----
+    golden_check: bool = Field(True, description="check outputs against reference outputs before ready")
+    golden_min_cosine: float = Field(0.999, gt=0, le=1, description="per-image cosine floor in the self-check")
+    drain_grace_s: float = Field(2.0, ge=0, description="on SIGTERM: seconds /readyz answers 503 before closing")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: longest wait for in-flight requests")
+
+    # ----- auth -----
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys; once set, state-changing routes need one"
+    )
+    auth_scope: Literal["mutating", "inference", "all"] = Field(
+        "mutating",
+        description="routes that need a key once keys are set: mutating (index changes), inference (+ /embed, "
+        "/classify, /search), all (every route but /healthz and /readyz)",
+    )
+
+    # ----- server -----
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each loads the model)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    switch_interval_ms: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="CPython GIL switch interval of the server process; lower hands the GIL back to the event "
+        "loop sooner while decode/compute threads run (a latency knob; see docs/BENCHMARKS.md)",
+    )
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = _split_list(value)
+        return [str(v).upper() for v in value]
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return _split_list(value) if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) > max_queue ({self.max_queue}): such a "
+                "request could never be admitted; raise max_queue or lower max_images_per_request"
+            )
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError("request_timeout_s must be <= max_request_timeout_s")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings for /info and logs: API keys reduced to a count."""
+        out = self.model_dump(mode="json", exclude={"api_keys"})
+        out["api_keys"] = len(self.api_keys)
+        return out
+
+
+def _split_list(value: str) -> list[str]:
+    text = value.strip()
+    if text.startswith("["):
+        return [str(v) for v in json.loads(text)]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """The non-None member of an Optional, and the base of Annotated."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        return members[0] if len(members) == 1 else str
+    return annotation
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field. Defaults are None so only flags actually given override the environment."""
+    group = parser.add_argument_group("settings (each also AIM_<NAME> in the environment)")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = _scalar_type(field.annotation)
+        help_text = field.description or ""
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(kind) is Literal:
+            group.add_argument(flag, choices=[str(c) for c in get_args(kind)], default=None, help=help_text)
+        elif kind in (int, float):
+            group.add_argument(flag, type=kind, default=None, help=help_text)
+        else:  # str and lists (comma-separated)
+            group.add_argument(flag, type=str, default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace | None = None) -> Settings:
+    """Settings from the environment, with the flags that were given on top."""
+    given: dict[str, Any] = {}
+    if args is not None:
+        for name in Settings.model_fields:
+            value = getattr(args, name, None)
+            if value is not None:
+                given[name] = value
+    return Settings(**given)

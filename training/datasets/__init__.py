@@ -1,0 +1,1 @@
+"""Converters from packaged, offline datasets to the ImageFolder layout the training and probe code read."""
