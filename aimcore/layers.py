@@ -17,6 +17,7 @@ __all__ = [
     "Block",
     "PatchEmbed",
     "attend",
+    "init_linears_and_norms",
     "prefix_causal_attn_mask",
     "prefix_mask_from_lengths",
     "sincos_pos_embed_2d",
@@ -44,6 +45,19 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int) -> Tensor:
     rows = torch.arange(h, dtype=torch.float32).repeat_interleave(w)  # (h*w,) row index of each token
     cols = torch.arange(w, dtype=torch.float32).repeat(h)  # (h*w,) column index of each token
     return torch.cat([encode(cols), encode(rows)], dim=1)
+
+
+def init_linears_and_norms(root: nn.Module) -> None:
+    """ml-l3m's AIMv1 init for every Linear and LayerNorm under `root`: xavier-uniform weights, zero biases,
+    unit/zero norms. Shared by the trunk and the pre-training pixel decoder."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class PatchEmbed(nn.Module):

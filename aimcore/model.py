@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from aimcore.config import AimConfig
 from aimcore.heads import AttentionPoolingClassifier
-from aimcore.layers import Block, PatchEmbed, prefix_causal_attn_mask, sincos_pos_embed_2d
+from aimcore.layers import Block, PatchEmbed, init_linears_and_norms, prefix_causal_attn_mask, sincos_pos_embed_2d
 
 __all__ = ["FEATURE_OUTPUTS", "AimFeatures", "AimModel", "build_model"]
 
@@ -97,14 +97,7 @@ class AimModel(nn.Module):
     def init_weights(self) -> None:
         """Fresh-model init for pre-training: xavier-uniform linears (the patch conv treated as a linear over a
         flattened patch), unit/zero norms, as in ml-l3m's AIMv1 recipe."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self)
         proj = self.preprocessor.patchifier.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)

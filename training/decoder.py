@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from aimcore.config import AimConfig
-from aimcore.layers import MLP, sincos_pos_embed_2d
+from aimcore.layers import MLP, init_linears_and_norms, sincos_pos_embed_2d
 from aimcore.model import AimModel, build_model
 
 __all__ = ["DecoderBlock", "PixelDecoder", "PretrainModel"]
@@ -69,14 +69,7 @@ class PixelDecoder(nn.Module):
 
     def init_weights(self) -> None:
         """xavier-uniform linears with zero biases, unit/zero norms, as ml-l3m initialises its heads."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_linears_and_norms(self)
 
     def decoder_pos_embed(self, device: torch.device) -> Tensor:
         table = self._pos_cache.get(device)
