@@ -7,8 +7,8 @@ Kinds (all on L2-normalised vectors with inner product, i.e. cosine similarity):
   best recall per query/s measured, at the cost of the slowest build (172 s for 100k x 1536 on 2 cores).
 - "ivf":   inverted lists (IndexIVFFlat); needs training (k-means on the first vectors), knob `nprobe`.
 - "ivfpq": IVF with product-quantised codes and an exact re-rank of the top `refine_factor * k` (IndexRefineFlat).
-  The re-rank keeps the raw vectors, so this kind saves no memory; on CPU it measured slower than "ivf" at equal
-  recall (docs/BENCHMARKS.md) and is offered for very large collections and GPU search.
+  The re-rank keeps the raw vectors, so this kind saves no memory; on CPU at 100k it measured below "hnsw" at
+  equal recall (docs/BENCHMARKS.md) and is offered for very large collections and GPU search.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 @dataclass(frozen=True)
 class IndexConfig:
     kind: str = "hnsw"
-    # HNSW: graph degree, build-time and default search-time beam widths. ef_search 64 measured recall@10 0.995 at
-    # 30x exact queries/s on 100k x 1536 clustered vectors (docs/BENCHMARKS.md, "FAISS index"); 32 is 0.977.
+    # HNSW: graph degree, build-time and default search-time beam widths. On 100k x 1536 clustered vectors
+    # ef_search 64 measured recall@10 0.995 at 9.5-30x exact queries/s (machine load), 32 gave 0.977 at 15-36x
+    # (docs/BENCHMARKS.md, "FAISS index"); exact search slows 10x per 10x items, HNSW far less.
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 64

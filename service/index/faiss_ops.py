@@ -34,7 +34,7 @@ POINTS_PER_CENTROID = 39
 # Training cost is sample x nlist x d x iterations: 32 points per list and 10 iterations train 1M x 1536 (nlist
 # 4000) in minutes on a few cores instead of an hour, for centroids that are as good for routing queries.
 TRAIN_POINTS_PER_LIST = 32
-# Measured at 1M x 1536 on 2 cores: 1000 lists reach recall@10 0.967 at 10.6x exact (nprobe 16) and build in 137 s;
+# Measured at 1M x 1536 on 2 cores: 1000 lists reach recall@10 0.967 at 10.6x exact (nprobe 16), built in 137 s;
 # 4*sqrt(1M) = 4000 lists would cost ~4x that in k-means and assignment. Set nlist explicitly beyond ~10M.
 AUTO_NLIST_MAX = 1024
 KMEANS_ITERATIONS = 10
