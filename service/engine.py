@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,9 @@ class Engine:
         self.golden: GoldenReport | None = None
         self.load_s = 0.0
         self.on_fatal: Callable[[str], None] | None = None  # the CLI exits the process on a failed start
+        # Run after the batcher starts and before "ready" (the index opens here: it needs the loaded model's
+        # recipe, and readiness must wait for it). A hook that raises fails the start like a load error.
+        self.before_ready: list[Callable[[], Awaitable[None]]] = []
         self._load_task: asyncio.Task[None] | None = None
         self._recipes: dict[tuple[str, bool], dict[str, Any]] = {}
 
@@ -112,6 +115,8 @@ class Engine:
                 metrics=self.metrics,
             )
             await self.batcher.start()
+            for hook in self.before_ready:
+                await hook()
         except Exception as exc:
             self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
             logger.error("the service cannot become ready: %s", self.reason, exc_info=not isinstance(exc, RuntimeError))

@@ -25,9 +25,11 @@ __all__ = [
     "InferenceFailedError",
     "InvalidRequestError",
     "NoHeadError",
+    "NoIndexError",
     "NotReadyError",
     "OverloadedError",
     "ServiceError",
+    "TooManyItemsError",
     "UnauthorizedError",
     "error_body",
     "install_error_handlers",
@@ -51,6 +53,12 @@ class ServiceError(Exception):
 class InvalidRequestError(ServiceError):
     http_status = 422
     code = "invalid_request"
+
+
+class TooManyItemsError(InvalidRequestError):
+    """More ids or vectors in one index request than index_max_items_per_request."""
+
+    code = "too_many_items"
 
 
 class ImageError(ServiceError):
@@ -80,6 +88,14 @@ class UnauthorizedError(ServiceError):
 class NoHeadError(ServiceError):
     http_status = 409
     code = "no_head"
+
+
+class NoIndexError(ServiceError):
+    """/search or /index on a service started without an index (index_path unset): a configuration, not a transient
+    state, so 409 rather than a 503 that clients would retry."""
+
+    http_status = 409
+    code = "no_index"
 
 
 class OverloadedError(ServiceError):

@@ -47,7 +47,7 @@ async def parse_inputs(request: Request, model: type[BaseModel], max_images: int
         except ValidationError as exc:
             raise InvalidRequestError(_validation_message(exc)) from None
         data = parsed.model_dump()
-        images = data.pop("images")
+        images = data.pop("images", None) or []  # optional where a request may send vectors or an id instead
         if len(images) > max_images:
             raise ImageError(
                 f"{len(images)} images in one request; the limit is {max_images}",

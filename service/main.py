@@ -1,9 +1,10 @@
 """`create_app(settings)`: the FastAPI application and its lifespan.
 
 Lifespan: the engine starts loading in the background (so /healthz answers at once and /readyz says "loading"),
-warms the backend up at the largest batch, checks its outputs against golden reference outputs, and only then
-turns ready. Shutdown stops the batcher after the server has finished its in-flight requests, then frees the
-backend. SIGTERM handling (readiness first, then drain) lives in `service.server`.
+warms the backend up at the largest batch, checks its outputs against golden reference outputs, opens the vector
+index (when `index_path` is set) for the served model's recipe, and only then turns ready. Shutdown stops the
+batcher after the server has finished its in-flight requests, frees the backend, then snapshots and closes the
+index. SIGTERM handling (readiness first, then drain) lives in `service.server`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import ApiKeyPolicy, ServiceMiddleware
-from service.routes import inference, ops
+from service.retrieval import Retrieval
+from service.routes import inference, ops, search
 from service.schemas import ClassifyRequest, EmbedRequest
+from service.search_schemas import AddItemsRequest, SearchRequest
 from service.settings import Settings
 
 __all__ = ["create_app", "create_app_from_env"]
@@ -38,7 +41,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (EmbedRequest, ClassifyRequest):
+    for model in (EmbedRequest, ClassifyRequest, SearchRequest, AddItemsRequest):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(js.pop("$defs", {}))
         components[model.__name__] = js
@@ -52,11 +55,14 @@ def create_app(
     backend: InferenceBackend | None = None,
     routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
-    """The service app. `backend` replaces loading from settings (tests, benchmarks); `routers` adds routes (the
-    index) that share the engine, the error mapping, the API-key policy and the metrics."""
+    """The service app. `backend` replaces loading from settings (tests, benchmarks); `routers` adds routes
+    (extensions; the index's own are always mounted) that share the engine, the error mapping, the API-key policy
+    and the metrics."""
     settings = settings or Settings()
     metrics = ServiceMetrics(settings.max_batch_size)
     engine = Engine(settings, metrics, backend=backend)
+    retrieval = Retrieval(settings, engine, metrics)
+    engine.before_ready.append(retrieval.open)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,7 +70,10 @@ def create_app(
         try:
             yield
         finally:
-            await engine.stop()
+            try:
+                await engine.stop()
+            finally:
+                await retrieval.stop()
 
     app = FastAPI(
         title="AIM service",
@@ -75,9 +84,11 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.retrieval = retrieval
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(ops.router)
+    app.include_router(search.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(

@@ -2,15 +2,21 @@
 
 One registry per app (not the global default), so several apps in one process (tests) never collide and /metrics
 shows exactly this service. Stage histograms are `*_seconds`: decode (per request, all its images), queue (per
-image, admission to compute start), compute (per backend call), request (end to end, per request).
+image, admission to compute start), compute (per backend call), request (end to end, per request). The index's
+metrics (`aim_index_*`) are fed by `IndexMetrics`, the IndexObserver the service hands the index, so the index
+itself never imports prometheus_client.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
+from service.index.observer import IndexObserver
+
+__all__ = ["CONTENT_TYPE_LATEST", "IndexMetrics", "ServiceMetrics"]
 
 # Milliseconds to a minute: the service's latencies span both (tiny CPU models to 7B on a busy GPU).
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -68,9 +74,70 @@ class ServiceMetrics:
             "aim_golden_min_cosine", "Lowest cosine between served and reference outputs at boot", registry=r
         )
         self.model_info = Info("aim_model", "What is being served", registry=r)
+        # ----- the vector index -----
+        self.index_size = Gauge("aim_index_size", "Searchable items in the index", registry=r)
+        self.index_tombstones = Gauge(
+            "aim_index_tombstones", "Deleted or replaced rows awaiting compaction", registry=r
+        )
+        self.index_search_seconds = Histogram(
+            "aim_index_search_seconds",
+            "Index search time per call (all its queries)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.index_top1_score = Histogram(
+            "aim_index_top1_score",
+            "Best cosine score per query (falling scores: the index no longer fits the traffic)",
+            buckets=(0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0),
+            registry=r,
+        )
+        self.index_adds = Counter("aim_index_adds", "Items added or replaced (acknowledged, durable)", registry=r)
+        self.index_deletes = Counter("aim_index_deletes", "Items deleted", registry=r)
+        self.index_add_seconds = Histogram(
+            "aim_index_add_seconds", "Upsert time per call, WAL fsync included", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.index_snapshot_seconds = Histogram(
+            "aim_index_snapshot_seconds", "Snapshot time", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.index_last_snapshot = Gauge(
+            "aim_index_last_snapshot_timestamp_seconds", "Unix time of the last committed snapshot", registry=r
+        )
+        self.index_recall = Gauge(
+            "aim_index_recall", "ANN self-check: recall@k against exact search on stored vectors", ["k"], registry=r
+        )
 
     def record_failure(self, endpoint: str, reason: str) -> None:
         self.failures.labels(endpoint, reason).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class IndexMetrics(IndexObserver):
+    """The index's observer: records what the index reports into this app's registry."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.m = metrics
+
+    def searched(self, seconds: float, queries: int, top1_scores: Sequence[float]) -> None:
+        self.m.index_search_seconds.observe(seconds)
+        for score in top1_scores:
+            self.m.index_top1_score.observe(score)
+
+    def added(self, count: int, seconds: float) -> None:
+        self.m.index_adds.inc(count)
+        self.m.index_add_seconds.observe(seconds)
+
+    def deleted(self, count: int) -> None:
+        self.m.index_deletes.inc(count)
+
+    def size_changed(self, live: int, tombstones: int) -> None:
+        self.m.index_size.set(live)
+        self.m.index_tombstones.set(tombstones)
+
+    def snapshotted(self, seconds: float, lsn: int, size_bytes: int) -> None:
+        self.m.index_snapshot_seconds.observe(seconds)
+        self.m.index_last_snapshot.set_to_current_time()
+
+    def recall_measured(self, k: int, recall: float) -> None:
+        self.m.index_recall.labels(str(k)).set(recall)

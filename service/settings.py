@@ -76,6 +76,40 @@ class Settings(BaseSettings):
         "/classify, /search), all (every route but /healthz and /readyz)",
     )
 
+    # ----- vector index (FAISS retrieval: /search, /index) -----
+    index_path: str | None = Field(
+        None,
+        description="index directory (python -m service.index build --out ...); created empty for the served model "
+        "when absent. Unset: no index, and /search and /index answer 409 no_index",
+    )
+    index_kind: Literal["flat", "hnsw", "ivf", "ivfpq"] = Field(
+        "hnsw",
+        description="structure of a NEW index (an existing one keeps its own): hnsw is the benchmark's pick "
+        "(docs/BENCHMARKS.md); flat is exact",
+    )
+    index_pooling: Literal["mean", "probe"] = Field(
+        "mean",
+        description="which vector the index holds: mean (backend output 'embedding', the builder's --output "
+        "embedding) or probe (the head's attention pooling, 'pooled')",
+    )
+    index_ef_search: int | None = Field(None, ge=1, le=4096, description="HNSW beam width (unset: the index's own)")
+    index_nprobe: int | None = Field(None, ge=1, le=65536, description="IVF lists searched (unset: the index's own)")
+    index_snapshot_interval_s: float = Field(
+        300.0,
+        ge=0,
+        description="fold the write-ahead log into a snapshot in the background this often (0: only at the core's "
+        "size thresholds and on shutdown); a read-only replica checks for a newer snapshot as often",
+    )
+    index_recall_check_interval_s: float = Field(
+        3600.0, ge=0, description="ANN recall@10 self-check on 50 stored vectors this often (0: never)"
+    )
+    index_read_only: bool = Field(
+        False, description="open the index without the writer lock, for replicas serving a writer's snapshot"
+    )
+    index_max_items_per_request: int = Field(
+        1000, ge=1, le=100_000, description="ids or vectors in one /index/items or /search request"
+    )
+
     # ----- server -----
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535)
@@ -118,6 +152,11 @@ class Settings(BaseSettings):
             )
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError("request_timeout_s must be <= max_request_timeout_s")
+        if self.index_path and self.workers > 1 and not self.index_read_only:
+            raise ValueError(
+                f"workers={self.workers} with a writable index: only one process may write {self.index_path}; "
+                "serve it with one worker, or set index_read_only for replicas"
+            )
         return self
 
     def public_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from service.schemas import (
     request_body,
 )
 
-__all__ = ["router"]
+__all__ = ["infer", "router"]
 
 router = APIRouter(tags=["inference"])
 T = TypeVar("T")
@@ -77,9 +77,11 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnectedError("the client disconnected; its images were dropped")
 
 
-async def _infer(
+async def infer(
     request: Request, engine: Engine, images: list[bytes | str], outputs: Collection[str]
 ) -> InferenceResult:
+    """Images through the shared decoder and batcher under the request's deadline (/embed, /classify, /search and
+    /index/items alike), cancelled if the client goes away; records the stage timings for the response headers."""
     deadline = _deadline(request, engine)
     result = await _unless_disconnected(request, engine.run(images, outputs, deadline))
     timings = request.scope["state"]["timings"]
@@ -109,7 +111,7 @@ async def embed(request: Request, engine: EngineDep) -> Response:
     if pooling == "probe" and not engine.backend.info.has_head:
         raise NoHeadError("pooling=probe needs the model's attention-pooling head, and this model has none; use mean")
     output = "embedding" if pooling == "mean" else "pooled"
-    result = await _infer(request, engine, inputs.images, [output])
+    result = await infer(request, engine, inputs.images, [output])
     vectors = np.stack([row[output] for row in result.rows]).astype(np.float32)  # (n, D)
     if normalize:
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -137,7 +139,7 @@ async def classify(request: Request, engine: EngineDep) -> Response:
     info = engine.backend.info
     if not info.has_head:
         raise NoHeadError(f"model {info.model_id!r} has no classification head; load a head or use /embed")
-    result = await _infer(request, engine, inputs.images, ["logits"])
+    result = await infer(request, engine, inputs.images, ["logits"])
     logits = np.stack([row["logits"] for row in result.rows]).astype(np.float64)  # (n, C)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)

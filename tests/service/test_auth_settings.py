@@ -23,14 +23,14 @@ PHOTO = encode(make_photo(40, 30), "JPEG")
 
 
 def extra_router() -> APIRouter:
-    """Stand-ins for the index's routes: a state-changing one must need a key without being listed anywhere."""
+    """A router added later: a state-changing route must need a key without being listed anywhere."""
     router = APIRouter()
 
-    @router.post("/index/items")
+    @router.post("/collections/items")
     async def add_item() -> dict[str, str]:
         return {"ok": "added"}
 
-    @router.get("/index")
+    @router.get("/collections")
     async def index_stats() -> dict[str, str]:
         return {"ok": "stats"}
 
@@ -58,10 +58,10 @@ def test_keys_enforced_on_every_route(live: list) -> None:
     live.append(server)
     with server.client() as client:
         # Default scope: state-changing routes need a key, reads and inference do not.
-        assert client.post("/index/items").status_code == 401
-        assert client.post("/index/items", headers={"x-api-key": "key-two"}).status_code == 200
-        assert client.post("/index/items", headers={"authorization": "Bearer wrong"}).status_code == 401
-        assert client.get("/index").status_code == 200
+        assert client.post("/collections/items").status_code == 401
+        assert client.post("/collections/items", headers={"x-api-key": "key-two"}).status_code == 200
+        assert client.post("/collections/items", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/collections").status_code == 200
         assert client.post("/embed", files=[("files", ("a.jpg", PHOTO))]).status_code == 200
         # The body cap answers 413 before reading a byte of an over-long body.
         r = client.post("/embed", content=b"x" * 60_000, headers={"content-type": "application/json"})
@@ -72,7 +72,7 @@ def test_keys_enforced_on_every_route(live: list) -> None:
         spec = client.get("/openapi.json", headers={"x-api-key": "key-one"}).json()
         paths = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
         paths |= {("GET", p) for p in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")}
-        assert {("POST", "/embed"), ("POST", "/classify"), ("GET", "/metrics"), ("POST", "/index/items")} <= paths
+        assert {("POST", "/embed"), ("POST", "/classify"), ("GET", "/metrics"), ("POST", "/collections/items")} <= paths
         for method, path in sorted(paths):
             r = client.request(method, path)
             if path in ("/healthz", "/readyz"):

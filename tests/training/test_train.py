@@ -48,6 +48,19 @@ def test_loss_falls_within_a_few_hundred_steps_and_the_trunk_is_exported(tmp_pat
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[f"aim.{key}"])
 
+    # Every kept checkpoint exports as a trunk with its step and validation loss (what training/evidence.py reads).
+    from training.export_trunks import export_run
+
+    trunks = export_run(run)
+    assert [p.parent for p in trunks] == [folder for _, folder in kept]
+    for (step, _), path in zip(kept, trunks, strict=True):
+        exported = aimcore.load_model(path)
+        assert exported.provenance["step"] == step
+        assert exported.provenance["val_loss"] == pytest.approx(val[[25, 50, 75, 100, 125, 150].index(step)])
+    final = aimcore.load_model(trunks[-1])
+    for key, value in final.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key])
+
 
 def test_nan_policy_skip_drops_the_update_and_stop_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "images"
