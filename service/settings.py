@@ -35,7 +35,11 @@ class Settings(BaseSettings):
         "auto", description="auto picks the fastest present and logs why"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="torch backend compute dtype (GPU)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="torch backend compute dtype; auto = bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU runs it "
+        "natively, else fp32 (the boot self-check still requires cosine >= golden_min_cosine against fp32)",
+    )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads for torch/onnxruntime (default: all)")
 
     # ----- batching -----

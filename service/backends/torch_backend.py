@@ -29,6 +29,27 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FEATURES = {"embedding": "tokens", "pooled": "pooled", "logits": "logits"}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matrix products run several times faster than fp32 on such CPUs (about 4x on
+    ours, docs/BENCHMARKS.md); elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast where the hardware runs it natively (a CUDA GPU with bf16, or a CPU with AVX512-BF16
+    / AMX), else fp32. bf16 keeps embeddings within cosine 0.9999 of fp32 on our models (docs/BENCHMARKS.md), and
+    the boot self-check refuses to serve if it does not (golden_min_cosine)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,9 +87,10 @@ class TorchBackend:
         max_batch_size: int = 32,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        if precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        if precision not in (*_DTYPES, "auto"):
+            raise ValueError(f"precision must be auto or one of {sorted(_DTYPES)}, got {precision!r}")
         self.device = torch.device(resolve_device(device))
+        precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.dtype = _DTYPES[precision]
         preprocess = getattr(model, "preprocess_config", None) or PreprocessConfig.for_size(model.config.img_size)

@@ -22,6 +22,16 @@ from service.settings import Settings
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "images"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_by_default() -> Iterator[None]:
+    """Most tests compare served outputs with aimcore's fp32 offline outputs, so they serve fp32; the service's own
+    default (precision auto: bf16 on CPUs with native bf16) is tested in test_precision.py. Subprocess servers
+    inherit the variable. Session scope, so module-scoped servers are created under it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIM_PRECISION", "fp32")
+        yield
+
+
 class LiveServer:
     """uvicorn serving `app` on 127.0.0.1 in a background thread; the socket is bound before start (no races)."""
 
