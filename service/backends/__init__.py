@@ -4,7 +4,8 @@ What `settings.model` names decides what can serve it:
 - an export directory (`manifest.json` beside `model.onnx` / `model.plan`), or a folder of such directories:
   onnxruntime or tensorrt;
 - anything else `aimcore.load_model` takes (checkpoint file or folder, aim-demo, released flavor, HF id): torch;
-- nothing: the bundled aim-demo when shipped, else aim-debug with random weights (and a loud warning).
+- nothing: the bundled aim-demo when shipped (on a CPU with onnxruntime, its int8 ONNX export, the fastest CPU path
+  within cosine 0.999 of fp32), else aim-debug with random weights (and a loud warning).
 `auto` picks, best first: a TensorRT engine (tensorrt package + GPU), ONNX Runtime (its TensorRT/CUDA providers
 first), PyTorch; each choice and each skipped candidate is logged with its reason.
 """
@@ -20,6 +21,7 @@ import torch
 import aimcore
 from aimcore import AimModel, ModelUnavailableError, build_model, get_flavor, sha256_file
 from aimcore.manifest import MANIFEST_NAME, ExportManifest, read_manifest
+from aimcore.sources import BUNDLED_DIR
 from service.backends.base import BACKEND_OUTPUTS, BackendInfo, InferenceBackend
 from service.backends.onnx_backend import onnx_providers
 from service.backends.torch_backend import TorchBackend, resolve_device
@@ -92,6 +94,29 @@ def golden_path_for(model: AimModel | None, source: str | None) -> Path | None:
     return files[0].with_suffix(".golden.npz")
 
 
+BUNDLED_CPU_ARTIFACT = BUNDLED_DIR / "aim-demo" / "onnx-int8"
+# The int8 export is the bundled default on CPUs only while it stays this close to fp32 (issue: export benchmark).
+BUNDLED_INT8_MIN_COSINE = 0.999
+
+
+def bundled_cpu_artifact(settings: Settings) -> Path | None:
+    """With no model configured, on a CPU: the bundled demo's int8 ONNX export, the fastest CPU path whose
+    embeddings stay within cosine 0.999 of fp32 (docs/BENCHMARKS.md). None where it does not apply."""
+    if settings.model is not None or settings.backend not in ("auto", "onnxruntime"):
+        return None
+    if resolve_device(settings.device) != "cpu" or not (BUNDLED_CPU_ARTIFACT / MANIFEST_NAME).is_file():
+        return None
+    if not onnx_providers():
+        logger.info("bundled int8 export skipped: onnxruntime is not installed; serving aim-demo with torch")
+        return None
+    cosine = read_manifest(BUNDLED_CPU_ARTIFACT).parity.get("real_images", {}).get("embedding_min_cosine", 0.0)
+    if cosine < BUNDLED_INT8_MIN_COSINE:
+        logger.warning("bundled int8 export skipped: embedding cosine %.5f < %.3f", cosine, BUNDLED_INT8_MIN_COSINE)
+        return None
+    logger.info("no model configured, CPU: serving the bundled aim-demo int8 ONNX export (cosine %.5f to fp32)", cosine)
+    return BUNDLED_CPU_ARTIFACT
+
+
 def _load_torch_model(settings: Settings) -> tuple[AimModel, str, list[str]]:
     """(model, model id, warnings) for a non-artefact source, with the no-configuration fallbacks."""
     layers: str | tuple[int, ...] | None = settings.probe_layers
@@ -152,7 +177,8 @@ def create_backend(settings: Settings) -> LoadedBackend:
     """Load what `settings` names on the backend it asks for (or the best present for `auto`)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    artifacts = find_artifacts(settings.model)
+    bundled = bundled_cpu_artifact(settings)
+    artifacts = find_artifacts(str(bundled) if bundled is not None else settings.model)
     if artifacts:
         name, directory, reason = _pick_artifact(settings, artifacts)
         manifest = read_manifest(directory)

@@ -107,8 +107,14 @@ def test_find_artifacts(onnx_dir: Path, debug_checkpoint: Path) -> None:
 def test_no_configuration_serves_the_bundled_demo_or_loud_random_debug(caplog: pytest.LogCaptureFixture) -> None:
     loaded = create_backend(Settings())
     info = loaded.backend.info
-    if info.config.name == "aim-demo":  # a later issue ships aimcore/assets/aim-demo/
+    if info.config.name == "aim-demo":  # aimcore/assets/aim-demo/ is shipped
         assert not loaded.warnings
+        # On a CPU with onnxruntime the default is the bundled int8 export, the fastest path within cosine 0.999.
+        assert (info.name, info.precision) == ("onnxruntime", "int8")
+        assert loaded.manifest is not None and loaded.manifest.parity["real_images"]["embedding_min_cosine"] >= 0.999
+        torch_backend = create_backend(Settings(backend="torch")).backend
+        # Same weights, same embedding recipe: the export records the checkpoint digest torch computes.
+        assert torch_backend.info.model_sha256 == info.extra["weights_sha256"]
         return
     assert info.config.name == "aim-debug" and info.extra["random_weights"]
     assert "RANDOM WEIGHTS" in caplog.text and loaded.warnings and "random weights" in loaded.reason
