@@ -134,6 +134,12 @@ class Settings(BaseSettings):
             value = _split_list(value)
         return [str(v).upper() for v in value]
 
+    @field_validator("model", "head", "index_path", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        """`AIM_INDEX_PATH=` (as compose writes an empty variable) means "not set", not the working directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:

@@ -121,3 +121,10 @@ def test_client_retries_and_cli(live: list, tmp_path: Path, capsys: pytest.Captu
         with pytest.raises(ServiceClientError) as info:
             client.embed([PHOTO])
     assert info.value.status == 503 and info.value.code == "startup_failed"
+
+
+def test_blank_paths_from_the_environment_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIM_INDEX_PATH", "")
+    monkeypatch.setenv("AIM_MODEL", "  ")
+    settings = Settings()
+    assert settings.index_path is None and settings.model is None
