@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from aimcore import AimConfig, PreprocessConfig
+from aimcore.manifest import ExportManifest
 
 __all__ = ["BACKEND_OUTPUTS", "BackendInfo", "InferenceBackend"]
 
@@ -45,6 +46,30 @@ class BackendInfo:
     @property
     def has_head(self) -> bool:
         return self.config.has_head
+
+    @classmethod
+    def from_manifest(
+        cls, name: str, manifest: ExportManifest, directory: Any, *, device: str, max_batch_size: int, **extra: Any
+    ) -> BackendInfo:
+        """Info for a backend serving an exported artefact (ONNX Runtime, TensorRT). `weights_sha256` is the source
+        checkpoint's digest, which the embedding recipe uses, so an export and its checkpoint share a recipe."""
+        return cls(
+            name=name,
+            model_id=str(directory),
+            model_sha256=manifest.artifact_sha256,
+            config=manifest.model_config,
+            preprocess=manifest.preprocess_config,
+            labels=manifest.labels,
+            precision=manifest.precision,
+            device=device,
+            max_batch_size=max_batch_size,
+            extra={
+                "weights_sha256": manifest.source.get("sha256"),
+                "source": manifest.source,
+                "export_parity": manifest.parity,
+                **extra,
+            },
+        )
 
 
 @runtime_checkable

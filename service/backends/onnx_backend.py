@@ -72,23 +72,14 @@ class OnnxBackend:
         if max_batch_size > checked:  # the batch axis is dynamic; only the parity check stopped there
             logger.warning("max batch size %d > the %d the export checked for parity", max_batch_size, checked)
         on_gpu = used[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-        self.info = BackendInfo(
-            name="onnxruntime",
-            model_id=str(self.directory),
-            model_sha256=manifest.artifact_sha256,
-            config=manifest.model_config,
-            preprocess=manifest.preprocess_config,
-            labels=manifest.labels,
-            precision=manifest.precision,
+        self.info = BackendInfo.from_manifest(
+            "onnxruntime",
+            manifest,
+            self.directory,
             device=(device if device.startswith("cuda") else "cuda") if on_gpu else "cpu",
             max_batch_size=max_batch_size,
-            extra={
-                "providers": used,
-                "weights_sha256": manifest.source.get("sha256"),
-                "source": manifest.source,
-                "export_parity": manifest.parity,
-                "manifest_runtime": manifest.runtime,
-            },
+            providers=used,
+            manifest_runtime=manifest.runtime,
         )
         self.manifest = manifest
 

@@ -74,22 +74,13 @@ class TensorRTBackend:
                 "max batch size %d > the engine profile's %d; using %d", max_batch_size, profile_max, profile_max
             )
         self.stream = torch.cuda.Stream(device=self.device)
-        self.info = BackendInfo(
-            name="tensorrt",
-            model_id=str(self.directory),
-            model_sha256=manifest.artifact_sha256,
-            config=manifest.model_config,
-            preprocess=manifest.preprocess_config,
-            labels=manifest.labels,
-            precision=manifest.precision,
+        self.info = BackendInfo.from_manifest(
+            "tensorrt",
+            manifest,
+            self.directory,
             device=str(self.device),
             max_batch_size=min(max_batch_size, profile_max),
-            extra={
-                "tensorrt": trt.__version__,
-                "weights_sha256": manifest.source.get("sha256"),
-                "source": manifest.source,
-                "export_parity": manifest.parity,
-            },
+            tensorrt=trt.__version__,
         )
 
     @staticmethod
