@@ -102,18 +102,22 @@ _FORM_FIELDS = {
 }
 
 
-def request_body(kind: Literal["embed", "classify"]) -> dict[str, Any]:
-    """`openapi_extra` declaring both body shapes; the JSON one refers to the pydantic model's schema."""
-    model = "EmbedRequest" if kind == "embed" else "ClassifyRequest"
+def openapi_body(model: str, form_fields: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` declaring both body shapes of an image route: JSON (the pydantic model `model`'s schema) and
+    multipart files plus `form_fields`. Shared by the inference and the index routes."""
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}},
-                "multipart/form-data": {"schema": _multipart_schema(_FORM_FIELDS[kind])},
+                "multipart/form-data": {"schema": _multipart_schema(form_fields)},
             },
         }
     }
+
+
+def request_body(kind: Literal["embed", "classify"]) -> dict[str, Any]:
+    return openapi_body("EmbedRequest" if kind == "embed" else "ClassifyRequest", _FORM_FIELDS[kind])
 
 
 _ERROR_CASES = {

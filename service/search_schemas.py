@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.schemas import _multipart_schema
+from service.schemas import openapi_body
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -191,13 +191,4 @@ _FORM_FIELDS: dict[str, dict[str, Any]] = {
 
 
 def index_request_body(kind: Literal["search", "add"]) -> dict[str, Any]:
-    model = "SearchRequest" if kind == "search" else "AddItemsRequest"
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}},
-                "multipart/form-data": {"schema": _multipart_schema(_FORM_FIELDS[kind])},
-            },
-        }
-    }
+    return openapi_body("SearchRequest" if kind == "search" else "AddItemsRequest", _FORM_FIELDS[kind])
