@@ -234,8 +234,11 @@ class Engine:
         """Before the body is read: not ready -> 503, queue already full -> 429 (microseconds, no parsing)."""
         self.check_serving().check_room()
 
-    async def run(self, blobs: Sequence[bytes | str], outputs: Collection[str], deadline: float) -> InferenceResult:
-        """Admit, decode (thread pool), batch and compute n images. Raises ServiceErrors."""
+    async def run(
+        self, blobs: Sequence[bytes | str] | np.ndarray, outputs: Collection[str], deadline: float
+    ) -> InferenceResult:
+        """Admit, decode (thread pool), batch and compute n images. Raises ServiceErrors. `blobs` are encoded images,
+        or pixels already preprocessed (float32 (n, C, S, S): KServe's FP32 input), which skip decoding."""
         batcher = self.check_serving()
         assert self.decoder is not None
         n, cap = len(blobs), self.settings.max_images_per_request
@@ -244,8 +247,11 @@ class Engine:
         if n > cap:
             raise ImageError(f"{n} images in one request; the limit is {cap}", code="too_many_images", http_status=413)
         with batcher.admit(n) as reservation:  # 429 here, before any decoding
-            pixels, decode_s = await self.decoder.decode_all(blobs, deadline)
-            self.metrics.decode_seconds.observe(decode_s)
+            if isinstance(blobs, np.ndarray):
+                pixels, decode_s = list(blobs), 0.0
+            else:
+                pixels, decode_s = await self.decoder.decode_all(blobs, deadline)
+                self.metrics.decode_seconds.observe(decode_s)
             batch = await batcher.submit(pixels, outputs, deadline, reservation)
         return InferenceResult(batch.rows, decode_s, batch)
 

@@ -31,6 +31,7 @@ __all__ = [
     "ServiceError",
     "TooManyItemsError",
     "UnauthorizedError",
+    "dialect_error",
     "error_body",
     "install_error_handlers",
 ]
@@ -155,6 +156,31 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+def _openai_error(status: int, code: str, message: str, param: str | None) -> tuple[int, dict[str, Any]]:
+    # OpenAI answers a bad parameter with 400 (our 422) and names the parameter; its SDK reads type/param/code.
+    status = 400 if status == 422 else status
+    kinds = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+    kind = kinds.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _kserve_error(status: int, code: str, message: str, param: str | None) -> tuple[int, dict[str, Any]]:
+    # Open Inference Protocol: {"error": <string>} (tritonclient raises with it); our stable code rides along.
+    return (400 if status == 422 else status), {"error": message, "code": code}
+
+
+def dialect_error(
+    path: str, status: int, code: str, message: str, param: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """(status, body) of an error in the shape its route's clients expect: the protocol adapters (/v1/...: OpenAI,
+    /v2...: KServe v2) speak their clients' dialect, every other route the project's own."""
+    if path.startswith("/v1/"):
+        return _openai_error(status, code, message, param)
+    if path == "/v2" or path.startswith("/v2/"):
+        return _kserve_error(status, code, message, param)
+    return status, error_body(code, message)
+
+
 def _status_and_code(exc: BaseException) -> tuple[int, str]:
     return int(getattr(exc, "http_status", 500)), str(getattr(exc, "code", "internal_error"))
 
@@ -171,7 +197,10 @@ def error_response(exc: BaseException, request: Request) -> JSONResponse:
     message = getattr(exc, "message", None) or str(exc) or code
     headers = dict(getattr(exc, "headers", {}) or {})
     _record_failure(request, code)
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    index = getattr(exc, "index", None)
+    param = getattr(exc, "param", None) or (f"input[{index}]" if index is not None else None)
+    status, body = dialect_error(request.url.path, status, code, message, param)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -20,13 +20,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLargeError, error_body
+from service.errors import BodyTooLargeError, dialect_error
 from service.metrics import ServiceMetrics
 
 __all__ = ["ApiKeyPolicy", "ServiceMiddleware"]
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search", "/v1/embeddings"})
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STAGES = ("decode", "queue", "compute")
 
@@ -51,7 +51,7 @@ class ApiKeyPolicy:
             return False
         if self.scope == "all":
             return True
-        if path in INFERENCE_PATHS:
+        if path in INFERENCE_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer")):
             return self.scope == "inference"
         return method.upper() in MUTATING_METHODS
 
@@ -76,8 +76,11 @@ class ServiceMiddleware:
         self.policy = policy
         self.max_body_bytes = max_body_bytes
 
-    async def _send_error(self, send: Send, status: int, code: str, message: str, extra: list[Any] = ()) -> None:
-        body = json.dumps(error_body(code, message)).encode()
+    async def _send_error(
+        self, send: Send, path: str, status: int, code: str, message: str, extra: list[Any] = ()
+    ) -> None:
+        status, payload = dialect_error(path, status, code, message)
+        body = json.dumps(payload).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -100,6 +103,7 @@ class ServiceMiddleware:
             self.metrics.requests.labels(endpoint, "401").inc()
             await self._send_error(
                 send,
+                path,
                 401,
                 "unauthorized",
                 "this route needs an API key: Authorization: Bearer <key> or X-API-Key",
@@ -112,6 +116,7 @@ class ServiceMiddleware:
             self.metrics.requests.labels(endpoint, "413").inc()
             await self._send_error(
                 send,
+                path,
                 413,
                 "body_too_large",
                 f"body of {int(declared)} bytes exceeds the {self.max_body_bytes}-byte limit",

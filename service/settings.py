@@ -114,6 +114,37 @@ class Settings(BaseSettings):
         1000, ge=1, le=100_000, description="ids or vectors in one /index/items or /search request"
     )
 
+    # ----- protocol adapters: OpenAI /v1/embeddings, KServe v2 (docs/SERVICE.md "Using existing clients") -----
+    served_model_name: str | None = Field(
+        None, description="the model's name in /v1/models and /v2/models/{name} (unset: its flavor, e.g. aim-demo)"
+    )
+    url_fetch: bool = Field(
+        False, description="let /v1/embeddings inputs be http(s) URLs the server downloads (off: base64 / data URIs)"
+    )
+    url_fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts URL fetching may reach, comma-separated; '*.example.com' also matches its subdomains",
+    )
+    url_fetch_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the refusal of private, loopback and link-local addresses (an internal image "
+        "store); empty: none",
+    )
+    url_fetch_max_bytes: int = Field(10 << 20, ge=1, description="largest image a URL may return")
+    url_fetch_timeout_s: float = Field(5.0, gt=0, le=120, description="longest the downloads of one request take")
+    url_fetch_max_redirects: int = Field(3, ge=0, le=10, description="redirects followed (each target re-checked)")
+
+    @field_validator("url_fetch_allow_hosts", "url_fetch_allow_networks", mode="before")
+    @classmethod
+    def _split_fetch_lists(cls, value: Any) -> Any:
+        return _split_list(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_url_fetch(self) -> Settings:
+        if self.url_fetch and not self.url_fetch_allow_hosts:
+            raise ValueError("url_fetch needs url_fetch_allow_hosts: the hosts images may be downloaded from")
+        return self
+
     # ----- server -----
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535)

@@ -25,7 +25,7 @@ from service.schemas import (
     request_body,
 )
 
-__all__ = ["infer", "router"]
+__all__ = ["embed_vectors", "infer", "l2_normalize", "router"]
 
 router = APIRouter(tags=["inference"])
 T = TypeVar("T")
@@ -78,7 +78,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 async def infer(
-    request: Request, engine: Engine, images: list[bytes | str], outputs: Collection[str]
+    request: Request, engine: Engine, images: list[bytes | str] | np.ndarray, outputs: Collection[str]
 ) -> InferenceResult:
     """Images through the shared decoder and batcher under the request's deadline (/embed, /classify, /search and
     /index/items alike), cancelled if the client goes away; records the stage timings for the response headers."""
@@ -95,6 +95,24 @@ async def infer(
     return result
 
 
+async def embed_vectors(
+    request: Request, engine: Engine, images: list[bytes | str] | np.ndarray, pooling: str, normalize: bool
+) -> np.ndarray:
+    """float32 (n, D) vectors as /embed answers them; the OpenAI and KServe adapters call this too."""
+    if pooling == "probe" and not engine.backend.info.has_head:
+        raise NoHeadError("pooling=probe needs the model's attention-pooling head, and this model has none; use mean")
+    output = "embedding" if pooling == "mean" else "pooled"
+    result = await infer(request, engine, images, [output])
+    vectors = np.stack([row[output] for row in result.rows]).astype(np.float32)  # (n, D)
+    return l2_normalize(vectors) if normalize else vectors
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """(n, D) float32 rows scaled to unit length, in place (an all-zero row stays zero)."""
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
 @router.post(
     "/embed",
     response_model=EmbedResponse,
@@ -108,13 +126,7 @@ async def embed(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()
     inputs = await parse_inputs(request, EmbedRequest, engine.settings.max_images_per_request)
     pooling, normalize = inputs.options["pooling"], inputs.options["normalize"]
-    if pooling == "probe" and not engine.backend.info.has_head:
-        raise NoHeadError("pooling=probe needs the model's attention-pooling head, and this model has none; use mean")
-    output = "embedding" if pooling == "mean" else "pooled"
-    result = await infer(request, engine, inputs.images, [output])
-    vectors = np.stack([row[output] for row in result.rows]).astype(np.float32)  # (n, D)
-    if normalize:
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    vectors = await embed_vectors(request, engine, inputs.images, pooling, normalize)
     return _json(
         {
             "embeddings": vectors.tolist(),

@@ -1,0 +1,161 @@
+"""POST /v1/embeddings with the real `openai` SDK against a live uvicorn on loopback (aim-debug, torch backend):
+the vectors equal /embed's in both encoding formats, the Infinity and Jina input shapes work, and errors come in
+OpenAI's shape with the right status, through the SDK's own exception classes."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aimcore import get_flavor
+from service.settings import Settings
+from tests.service.conftest import LiveServer, serve
+
+MODEL = "aim-debug"
+
+
+@pytest.fixture(scope="module")
+def server(debug_checkpoint: Path) -> Iterator[LiveServer]:
+    live = serve(Settings(model=str(debug_checkpoint), max_wait_ms=2, max_batch_size=16, max_images_per_request=8))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def blobs(asset_bytes: dict[str, bytes]) -> list[bytes]:
+    return list(asset_bytes.values())[:6]  # real JPEG / PNG files of several modes and sizes
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def sdk(server: LiveServer, **kw: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def embed_reference(server: LiveServer, blobs: list[bytes], pooling: str = "mean") -> np.ndarray:
+    with server.client() as client:
+        r = client.post("/embed", json={"images": [b64(b) for b in blobs], "pooling": pooling})
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json()["embeddings"], np.float32)
+
+
+def assert_same_vectors(got: np.ndarray, expected: np.ndarray) -> None:
+    # Unit vectors from the same weights and pixels; only float32 summation order (batch-mates) may differ.
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.sqrt(expected.shape[1]))
+
+
+def test_sdk_vectors_equal_embed_in_both_encodings(server: LiveServer, blobs: list[bytes]) -> None:
+    expected = embed_reference(server, blobs)
+    client = sdk(server)
+    images = [b64(b) for b in blobs]
+    extra = {"modality": "image"}  # Infinity's switch: bare strings are base64 images
+    default = client.embeddings.create(model=MODEL, input=images, extra_body=extra)  # the SDK asks for base64
+    floats = client.embeddings.create(model=MODEL, input=images, encoding_format="float", extra_body=extra)
+    raw = client.embeddings.create(model=MODEL, input=images, encoding_format="base64", extra_body=extra)
+    for response in (default, floats):
+        assert [d.index for d in response.data] == list(range(len(blobs)))
+        assert_same_vectors(np.asarray([d.embedding for d in response.data], np.float32), expected)
+    decoded = np.stack([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in raw.data])
+    assert_same_vectors(decoded, expected)
+    assert floats.model == MODEL and floats.object == "list" and floats.data[0].object == "embedding"
+    cfg = get_flavor(MODEL)
+    patches = (cfg.img_size // cfg.patch_size) ** 2
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == len(blobs) * patches
+
+
+def test_jina_objects_data_uris_and_probe_pooling(server: LiveServer, blobs: list[bytes]) -> None:
+    expected = embed_reference(server, blobs[:3], pooling="probe")
+    uris = [f"data:image/png;base64,{b64(b)}" for b in blobs[:3]]
+    with server.client() as client:
+        jina = client.post(
+            "/v1/embeddings",
+            json={"model": MODEL, "input": [{"image": u} for u in uris], "pooling": "probe", "user": "u1"},
+        )
+        single = client.post("/v1/embeddings", json={"model": MODEL, "input": uris[0], "pooling": "probe"})
+    assert jina.status_code == 200, jina.text
+    assert_same_vectors(np.asarray([d["embedding"] for d in jina.json()["data"]], np.float32), expected)
+    assert_same_vectors(np.asarray([single.json()["data"][0]["embedding"]], np.float32), expected[:1])
+
+
+def test_models_list_and_retrieve(server: LiveServer) -> None:
+    client = sdk(server)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("text-embedding-3-small")
+
+
+def test_errors_in_openai_shape_through_the_sdk(server: LiveServer, blobs: list[bytes]) -> None:
+    client = sdk(server)
+    image = b64(blobs[0])
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model=MODEL, input=[image], dimensions=7, extra_body={"modality": "image"})
+    assert exc.value.status_code == 400 and exc.value.code == "unsupported_dimensions"
+    assert exc.value.param == "dimensions" and exc.value.type == "invalid_request_error"
+    dim = get_flavor(MODEL).embed_dim
+    assert str(dim) in exc.value.message  # names the model's dimension
+    ok = client.embeddings.create(model=MODEL, input=[image], dimensions=dim, extra_body={"modality": "image"})
+    assert len(ok.data[0].embedding) == dim
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.embeddings.create(model="text-embedding-3-small", input=[image], extra_body={"modality": "image"})
+    assert exc.value.code == "model_not_found"
+    cases = [
+        ({"input": ["bm90IGFuIGltYWdl"], "modality": "image"}, "not_an_image", "input[0]"),
+        ({"input": ["%%%"], "modality": "image"}, "invalid_base64", "input[0]"),
+        ({"input": [image]}, "invalid_request", "input[0]"),  # a bare string without modality=image
+        ({"input": [[1, 2, 3]]}, "invalid_request", "input[0]"),  # token arrays
+        ({"input": ["a cat"], "modality": "text"}, "invalid_request", "modality"),
+        ({"input": ["https://example.com/cat.jpg"]}, "url_fetch_disabled", "input[0]"),
+        ({"input": [], "modality": "image"}, "invalid_request", "input"),
+        ({"input": [image], "encoding_format": "int8"}, "invalid_request", "encoding_format"),
+        ({"input": [image], "modality": "image", "top_k": 3}, "invalid_request", "top_k"),
+    ]
+    with server.client() as http:
+        for body, code, param in cases:
+            r = http.post("/v1/embeddings", json={"model": MODEL, **body})
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error"), (body, err)
+            assert err["message"]
+        too_many = http.post("/v1/embeddings", json={"model": MODEL, "input": [image] * 9, "modality": "image"})
+        assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "too_many_images"
+        form = http.post("/v1/embeddings", content=b"x", headers={"content-type": "text/plain"})
+        assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
+
+
+def test_same_metrics_as_embed(server: LiveServer, blobs: list[bytes]) -> None:
+    def images_counted() -> float:
+        with server.client() as http:
+            text = http.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "aim_images_total" and sample.labels.get("endpoint") == "/v1/embeddings":
+                    return sample.value
+        return 0.0
+
+    before = images_counted()
+    sdk(server).embeddings.create(model=MODEL, input=[b64(b) for b in blobs[:2]], extra_body={"modality": "image"})
+    assert images_counted() == before + 2
+
+
+def test_same_auth_as_embed(debug_checkpoint: Path, blobs: list[bytes], live: list[LiveServer]) -> None:
+    settings = Settings(model=str(debug_checkpoint), api_keys="k1", auth_scope="inference", golden_check=False)
+    live.append(server := serve(settings))
+    image = b64(blobs[0])
+    with pytest.raises(openai.AuthenticationError) as exc:
+        sdk(server, api_key="wrong").embeddings.create(model=MODEL, input=[image], extra_body={"modality": "image"})
+    assert exc.value.code == "unauthorized" and exc.value.type == "authentication_error"
+    with httpx.Client(base_url=server.url) as http:
+        assert http.post("/embed", json={"images": [image]}).status_code == 401  # the same policy
+    ok = sdk(server, api_key="k1").embeddings.create(model=MODEL, input=[image], extra_body={"modality": "image"})
+    assert len(ok.data) == 1
