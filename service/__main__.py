@@ -1,8 +1,9 @@
-"""`python -m service [serve] [--flags]`, `python -m service embed|classify IMAGE...`, `... golden SOURCE`.
+"""`python -m service [serve] [--flags]`, `python -m service embed|classify|search|index|info ...`, `... golden SOURCE`.
 
 serve (the default): the HTTP service; every setting is a flag or an AIM_* variable (`python -m service serve --help`).
-embed / classify: send images to a running server (--url, default http://127.0.0.1:8000) and print one JSON line
-per image.
+embed / classify / search / index add|get|delete|info|snapshot / info: talk to a running server (--url, default
+http://127.0.0.1:8000, or AIM_URL) through service.client and print JSON lines (one per image where there are
+images); errors are one line with the server's code, exit status 1 (2 for a bad argument or a missing file).
 golden: compute reference outputs for a checkpoint or export directory and store them with it, for the boot
 self-check (see service.golden).
 """
@@ -15,18 +16,60 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from service.settings import add_settings_arguments, settings_from_args
 
-COMMANDS = ("serve", "embed", "classify", "golden")
+COMMANDS = ("serve", "embed", "classify", "search", "index", "info", "golden")
 logger = logging.getLogger("service")
 
 
-def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files")
+def _connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("AIM_URL", "http://127.0.0.1:8000"), help="server URL")
     parser.add_argument("--api-key", default=os.environ.get("AIM_API_KEY"), help="API key, if the server needs one")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+
+
+def _json_arg(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+
+
+def _client_parsers(sub: argparse._SubParsersAction) -> None:
+    embed = sub.add_parser("embed", help="embed images with a running server")
+    embed.add_argument("images", nargs="+", help="image files")
+    embed.add_argument("--pooling", choices=["mean", "probe"], default="mean")
+    embed.add_argument("--no-normalize", action="store_true", help="raw vectors, not L2-normalised")
+    classify = sub.add_parser("classify", help="classify images with a running server")
+    classify.add_argument("images", nargs="+", help="image files")
+    classify.add_argument("--top-k", type=int, default=5)
+    search = sub.add_parser("search", help="nearest neighbours of images (one JSON line each) or of a stored --id")
+    search.add_argument("images", nargs="*", help="query image files")
+    search.add_argument("--id", default=None, help="search by a stored item instead of images")
+    search.add_argument("-k", "--k", type=int, default=10, help="neighbours per query")
+    search.add_argument(
+        "--where", type=_json_arg, default=None, help='metadata filter as JSON, e.g. \'{"kind": "cat"}\''
+    )
+    search.add_argument("--score-threshold", type=float, default=None)
+    index = sub.add_parser("index", help="manage the index: add, get, delete, info, snapshot")
+    actions = index.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add or replace images (ids default to the file names)")
+    add.add_argument("images", nargs="+", help="image files")
+    add.add_argument("--ids", nargs="+", default=None, help="one id per image")
+    add.add_argument("--metadata", type=_json_arg, default=None, help="JSON list: one object (or null) per image")
+    get = actions.add_parser("get", help="one stored item")
+    get.add_argument("id")
+    get.add_argument("--vector", action="store_true", help="include its unit vector")
+    delete = actions.add_parser("delete", help="delete items")
+    delete.add_argument("ids", nargs="+")
+    actions.add_parser("info", help="type, size, recipe and parameters of the index")
+    actions.add_parser("snapshot", help="fold the write-ahead log into a snapshot now")
+    info = sub.add_parser("info", help="what the server serves (/info)")
+    for parser in (embed, classify, search, add, get, delete, info, *actions.choices.values()):
+        if not any(a.dest == "url" for a in parser._actions):
+            _connection_args(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,36 +79,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the HTTP service (default)")
     add_settings_arguments(serve)
-    embed = sub.add_parser("embed", help="embed images with a running server")
-    _client_args(embed)
-    embed.add_argument("--pooling", choices=["mean", "probe"], default="mean")
-    embed.add_argument("--no-normalize", action="store_true", help="raw vectors, not L2-normalised")
-    classify = sub.add_parser("classify", help="classify images with a running server")
-    _client_args(classify)
-    classify.add_argument("--top-k", type=int, default=5)
+    _client_parsers(sub)
     golden = sub.add_parser("golden", help="store reference outputs with a model for the boot self-check")
     golden.add_argument("source", help="checkpoint file or folder, or export directory")
     golden.add_argument("--out", type=Path, default=None, help="where to write (default: beside the weights)")
     return parser
 
 
-def _client_command(args: argparse.Namespace) -> int:
-    from service.client import AimClient, ServiceClientError
+def _client_rows(client: Any, args: argparse.Namespace) -> list[Any]:
+    """The JSON lines a client command prints."""
+    cmd = args.command
+    if cmd == "embed":
+        result = client.embed(args.images, pooling=args.pooling, normalize=not args.no_normalize)
+        return [{"image": n, "embedding": v} for n, v in zip(args.images, result["embeddings"], strict=True)]
+    if cmd == "classify":
+        result = client.classify(args.images, top_k=args.top_k)
+        return [{"image": n, **p} for n, p in zip(args.images, result["predictions"], strict=True)]
+    if cmd == "search":
+        if bool(args.images) == (args.id is not None):
+            raise ValueError("search needs image files or --id (not both)")
+        knobs = {"k": args.k, "where": args.where, "score_threshold": args.score_threshold}
+        if args.id is not None:
+            return [{"id": args.id, **client.search(id=args.id, **knobs)["results"][0]}]
+        results = client.search(args.images, **knobs)["results"]
+        return [{"image": n, **r} for n, r in zip(args.images, results, strict=True)]
+    if cmd == "info":
+        return [client.info()]
+    action = args.action
+    if action == "add":
+        ids = args.ids or [Path(p).name for p in args.images]
+        if len(ids) != len(args.images):
+            raise ValueError(f"{len(ids)} --ids for {len(args.images)} images")
+        return [client.add_items(ids, args.images, metadata=args.metadata)]
+    if action == "get":
+        return [client.get_item(args.id, vector=args.vector)]
+    if action == "delete":
+        return [client.delete_item(i) for i in args.ids]
+    return [client.index_info() if action == "info" else client.snapshot()]
 
-    with AimClient(args.url, api_key=args.api_key, timeout=args.timeout) as client:
-        try:
-            if args.command == "embed":
-                result = client.embed(args.images, pooling=args.pooling, normalize=not args.no_normalize)
-                rows = [
-                    {"image": name, "embedding": vec}
-                    for name, vec in zip(args.images, result["embeddings"], strict=True)
-                ]
-            else:
-                result = client.classify(args.images, top_k=args.top_k)
-                rows = [{"image": name, **pred} for name, pred in zip(args.images, result["predictions"], strict=True)]
-        except ServiceClientError as exc:
-            logger.error("%s", exc)
-            return 1
+
+def _client_command(args: argparse.Namespace) -> int:
+    from service.client import AimClient, ImageFileError, ServiceClientError
+
+    try:
+        with AimClient(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+            rows = _client_rows(client, args)
+    except (ServiceClientError, ImageFileError, ValueError) as exc:
+        logger.error("%s", exc)  # one line, no traceback: the server's code and message, or the bad argument
+        return 1 if isinstance(exc, ServiceClientError) else 2
     for row in rows:
         sys.stdout.write(json.dumps(row) + "\n")
     return 0
