@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aimcore import get_flavor
+from service.errors import dialect_error
 from service.settings import Settings
 from tests.service.conftest import LiveServer, serve
 
@@ -159,3 +160,51 @@ def test_same_auth_as_embed(debug_checkpoint: Path, blobs: list[bytes], live: li
         assert http.post("/embed", json={"images": [image]}).status_code == 401  # the same policy
     ok = sdk(server, api_key="k1").embeddings.create(model=MODEL, input=[image], extra_body={"modality": "image"})
     assert len(ok.data) == 1
+
+
+def test_same_deadlines_as_embed(server: LiveServer, blobs: list[bytes]) -> None:
+    body = {"model": MODEL, "input": [b64(b) for b in blobs], "modality": "image"}
+    with server.client() as http:
+        r = http.post("/v1/embeddings", json=body, headers={"X-Request-Timeout": "0.000001"})
+        bad = http.post("/v1/embeddings", json=body, headers={"X-Request-Timeout": "soon"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert r.json()["error"]["type"] == "server_error"
+    assert bad.status_code == 400 and "X-Request-Timeout" in bad.json()["error"]["message"]
+
+
+def test_error_dialects_by_route() -> None:
+    assert dialect_error("/v1/embeddings", 429, "overloaded", "full")[1]["error"]["type"] == "rate_limit_error"
+    assert dialect_error("/v2/models/m/infer", 422, "corrupt_image", "bad") == (
+        400,
+        {"error": "bad", "code": "corrupt_image"},
+    )
+    assert dialect_error("/embed", 422, "corrupt_image", "bad") == (
+        422,
+        {"error": {"code": "corrupt_image", "message": "bad"}},
+    )
+    assert dialect_error("/v2x", 404, "not_found", "x")[1] == {"error": {"code": "not_found", "message": "x"}}
+
+
+def test_openapi_documents_the_adapters(server: LiveServer) -> None:
+    with server.client() as http:
+        spec = http.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path, method in [
+        ("/v1/embeddings", "post"),
+        ("/v1/models", "get"),
+        ("/v1/models/{model}", "get"),
+        ("/v2", "get"),
+        ("/v2/health/live", "get"),
+        ("/v2/health/ready", "get"),
+        ("/v2/models/{name}", "get"),
+        ("/v2/models/{name}/ready", "get"),
+        ("/v2/models/{name}/infer", "post"),
+    ]:
+        assert method in paths[path], path
+        assert paths[path][method]["summary"]
+    schemas = spec["components"]["schemas"]
+    body = paths["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert body.rsplit("/", 1)[1] in schemas and "encoding_format" in schemas["EmbeddingsRequest"]["properties"]
+    infer = paths["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]
+    assert {"application/json", "application/octet-stream"} <= set(infer) and "InferRequest" in schemas
+    assert "400" in paths["/v1/embeddings"]["post"]["responses"]
