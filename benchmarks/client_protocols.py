@@ -297,8 +297,8 @@ def report(dim: int, rounds: int) -> str:
         f"to encode and decode than JSON floats and are {smaller:.1f}x smaller (base64 is the openai SDK's default); "
         f"v2 binary is {cost('v2-json', 32) / cost('v2-binary', 32):.0f}x cheaper than v2 JSON. End to end, the "
         f"compact answer saves {saved_openai:.1f} ms (OpenAI) and {saved_v2:.1f} ms (v2) per image at batch 32 here: "
-        "set it against the model's own compute per image (the backend tables above); on a GPU, where compute is "
-        "a few ms per image, the text formats dominate. Prefer base64 or v2 binary.",
+        "set it against the model's own compute per image (the backend tables above); on a GPU, where compute per "
+        "image is far smaller, the text formats can dominate. Prefer base64 or v2 binary.",
     ]
     return "\n".join(lines) + "\n"
 
