@@ -239,3 +239,19 @@ def test_retry_after_forms() -> None:
     backoff = [retry_after_s(None, a, 10.0) for a in range(8)]  # no header: exponential with jitter, capped
     assert all(0.125 <= b <= 10.0 for b in backoff) and backoff[-1] > backoff[0]
     assert retry_after_s("soon", 1, 10.0) <= 0.5  # unparsable: backoff
+
+
+def test_client_needs_only_the_serve_extra() -> None:
+    """Every third-party import of service.client is declared in the `serve` extra (it used to need httpx from dev)."""
+    import ast
+    import sys
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    serve_deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    declared = {d.split("[")[0].split(">")[0].split("=")[0].strip().lower() for d in serve_deps}
+    tree = ast.parse((root / "service" / "client.py").read_text())
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    third_party = {m for m in modules if m not in sys.stdlib_module_names and m != "__future__"}
+    assert third_party == {"httpx"} and third_party <= declared

@@ -5,7 +5,9 @@ OpenAI's shape with the right status, through the SDK's own exception classes.""
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aimcore import get_flavor
+from service.backends.fake_backend import FakeBackend
 from service.errors import dialect_error
 from service.settings import Settings
 from tests.service.conftest import LiveServer, serve
@@ -208,3 +211,33 @@ def test_openapi_documents_the_adapters(server: LiveServer) -> None:
     infer = paths["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]
     assert {"application/json", "application/octet-stream"} <= set(infer) and "InferRequest" in schemas
     assert "400" in paths["/v1/embeddings"]["post"]["responses"]
+
+
+def test_same_admission_as_embed(live: list[LiveServer], blobs: list[bytes]) -> None:
+    """One image computing and one queued fill max_queue=1: the next is refused at once, in each dialect."""
+    settings = Settings(max_queue=1, max_images_per_request=1, max_batch_size=1, max_wait_ms=0, golden_check=False)
+    backend = FakeBackend(delay_s=1.5)
+    live.append(server := serve(settings, backend))
+    image = b64(blobs[0])
+
+    def wait_until(ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(2) as pool:
+        calls = len(backend.calls)  # the warm-up's
+        busy = [pool.submit(httpx.post, f"{server.url}/embed", json={"images": [image]}, timeout=30)]
+        wait_until(lambda: len(backend.calls) > calls)  # the first is computing (its slot is free again)
+        busy.append(pool.submit(httpx.post, f"{server.url}/embed", json={"images": [image]}, timeout=30))
+        wait_until(lambda: server.engine.batcher.queue_depth == 1)  # the second waits in the queue
+        with pytest.raises(openai.RateLimitError) as exc:
+            sdk(server).embeddings.create(model="aim-debug", input=[image], extra_body={"modality": "image"})
+        with server.client() as http:
+            v2 = http.post(
+                "/v2/models/aim-debug/infer",
+                json={"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [image]}]},
+            )
+        assert [f.result().status_code for f in busy] == [200, 200]
+    assert exc.value.code == "overloaded" and exc.value.response.headers["retry-after"].isdigit()
+    assert v2.status_code == 429 and v2.json()["code"] == "overloaded" and "retry-after" in v2.headers
