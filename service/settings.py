@@ -139,6 +139,18 @@ class Settings(BaseSettings):
     def _split_fetch_lists(cls, value: Any) -> Any:
         return _split_list(value) if isinstance(value, str) else value
 
+    @field_validator("url_fetch_allow_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"url_fetch_allow_networks: {net!r} is not a CIDR such as 10.20.0.0/16") from None
+        return value
+
     @model_validator(mode="after")
     def _check_url_fetch(self) -> Settings:
         if self.url_fetch and not self.url_fetch_allow_hosts:

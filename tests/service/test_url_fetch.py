@@ -186,6 +186,8 @@ def test_time_cap(host: ImageHost) -> None:
 def test_settings_need_an_allow_list() -> None:
     with pytest.raises(ValueError, match="url_fetch_allow_hosts"):
         Settings(url_fetch=True)
+    with pytest.raises(ValueError, match="not a CIDR"):
+        Settings(url_fetch_allow_networks="10.0.0.0/8,intranet")
 
 
 def test_through_v1_embeddings(debug_checkpoint: Path, host: ImageHost, image: bytes, live: list[LiveServer]) -> None:
