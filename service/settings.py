@@ -8,6 +8,7 @@ lists them all with their help text.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -142,8 +143,6 @@ class Settings(BaseSettings):
     @field_validator("url_fetch_allow_networks")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
         for net in value:
             try:
                 ipaddress.ip_network(net, strict=False)
