@@ -163,6 +163,13 @@ def test_same_auth_as_embed(debug_checkpoint: Path, blobs: list[bytes], live: li
         assert http.post("/embed", json={"images": [image]}).status_code == 401  # the same policy
     ok = sdk(server, api_key="k1").embeddings.create(model=MODEL, input=[image], extra_body={"modality": "image"})
     assert len(ok.data) == 1
+    # The default scope (mutating): inference needs no key, on the adapters as on /embed.
+    live.append(default := serve(Settings(model=str(debug_checkpoint), api_keys="k1", golden_check=False)))
+    with httpx.Client(base_url=default.url) as http:
+        assert http.post("/v1/embeddings", json={"model": MODEL, "input": [image], "modality": "image"}).is_success
+        v2 = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [image]}]}
+        assert http.post(f"/v2/models/{MODEL}/infer", json=v2).is_success
+        assert http.post("/index/snapshot").status_code == 401  # a mutation still needs one
 
 
 def test_same_deadlines_as_embed(server: LiveServer, blobs: list[bytes]) -> None:
