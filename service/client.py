@@ -271,7 +271,16 @@ class AimClient(_Routes[Any]):
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, *, images=None, data=None, json_body=None, params=None) -> Any:  # type: ignore[no-untyped-def]
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        images: Sequence[ImageInput] | None = None,
+        data: dict[str, str] | None = None,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
         with _open_files(images or []) as files:
             attempt = 0
             while True:
@@ -330,7 +339,16 @@ class AsyncAimClient(_Routes[Awaitable[Any]]):
     def _call(self, method: str, path: str, **kwargs: Any) -> Awaitable[Any]:
         return self._send(method, path, **kwargs)
 
-    async def _send(self, method: str, path: str, *, images=None, data=None, json_body=None, params=None) -> Any:  # type: ignore[no-untyped-def]
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        images: Sequence[ImageInput] | None = None,
+        data: dict[str, str] | None = None,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
         with _open_files(images or []) as files:
             attempt = 0
             while True:
