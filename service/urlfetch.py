@@ -19,6 +19,7 @@ import fnmatch
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -104,9 +105,12 @@ async def _system_resolve(host: str, port: int) -> list[str]:
 
 
 class UrlFetcher:
-    def __init__(self, policy: FetchPolicy, *, resolve: Resolver = _system_resolve) -> None:
+    def __init__(
+        self, policy: FetchPolicy, *, resolve: Resolver = _system_resolve, verify: ssl.SSLContext | bool = True
+    ) -> None:
         self.policy = policy
         self._resolve = resolve
+        self._verify = verify  # certificates are checked against the URL's host name (TLS SNI), not the address
 
     async def fetch_all(self, urls: Sequence[tuple[int, str]]) -> dict[int, bytes]:
         """{input index: bytes} for (index, url) pairs, downloaded concurrently under the policy's time cap."""
@@ -120,7 +124,9 @@ class UrlFetcher:
         return {i: body for (i, _), body in zip(urls, bodies, strict=True)}
 
     async def fetch(self, url: str, index: int | None = None) -> bytes:
-        async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=self.policy.timeout_s) as http:
+        async with httpx.AsyncClient(
+            trust_env=False, follow_redirects=False, timeout=self.policy.timeout_s, verify=self._verify
+        ) as http:
             for _hop in range(self.policy.max_redirects + 1):
                 target, headers, extensions = await self._check(url, index)
                 try:

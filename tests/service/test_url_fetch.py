@@ -8,6 +8,9 @@ import asyncio
 import base64
 import http.server
 import ipaddress
+import shutil
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ from tests.service.conftest import LiveServer, serve
 class ImageHost:
     """A loopback HTTP server: /img.png -> the image, /big -> more than the cap, /to?u=URL -> 302 to URL."""
 
-    def __init__(self, image: bytes) -> None:
+    def __init__(self, image: bytes, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[str] = []
         host = self
 
@@ -51,6 +54,8 @@ class ImageHost:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -170,6 +175,39 @@ def test_fetch_redirect_guard_and_caps(host: ImageHost, image: bytes) -> None:
     assert refused(fetcher, f"{base}/missing.png").code == "url_fetch_failed"
     # https goes to the checked address with the name as TLS SNI; a plain-HTTP peer fails the handshake cleanly.
     assert refused(fetcher, f"https://127.0.0.1:{host.port}/img.png").code == "url_fetch_failed"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test CA")
+def test_https_checks_the_certificate_against_the_name(tmp_path: Path, image: bytes) -> None:
+    """The connection goes to the checked address, yet TLS verifies the URL's host name (SNI), so pinning the
+    address costs no certificate check."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
+    openssl("req", *ec, "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=images.test")
+    (tmp_path / "ext").write_text("subjectAltName=DNS:images.test\n")
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "leaf.pem", "-days", "1", "-extfile", "ext")  # fmt: skip
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(tmp_path / "leaf.pem", tmp_path / "leaf.key")
+    tls_host = ImageHost(image, server_tls)
+    try:
+        trust = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        names = resolver({"images.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+        exempt = (ipaddress.ip_network("127.0.0.1/32"),)
+        rules = policy(allow_hosts=("images.test", "other.test"), exempt_networks=exempt, max_bytes=len(image))
+        fetcher = UrlFetcher(rules, resolve=names, verify=trust)
+        assert asyncio.run(fetcher.fetch(f"https://images.test:{tls_host.port}/img.png")) == image
+        wrong_name = refused(fetcher, f"https://other.test:{tls_host.port}/img.png")  # same address, other name
+        assert wrong_name.code == "url_fetch_failed"
+        untrusted = UrlFetcher(rules, resolve=names)  # the system's CAs do not know the test CA
+        assert refused(untrusted, f"https://images.test:{tls_host.port}/img.png").code == "url_fetch_failed"
+        assert tls_host.requests == ["/img.png"]
+    finally:
+        tls_host.close()
 
 
 def test_time_cap(host: ImageHost) -> None:
