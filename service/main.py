@@ -23,7 +23,7 @@ from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import ApiKeyPolicy, ServiceMiddleware
 from service.retrieval import Retrieval
-from service.routes import inference, ops, search
+from service.routes import analyze, inference, ops, search
 from service.schemas import ClassifyRequest, EmbedRequest
 from service.search_schemas import AddItemsRequest, SearchRequest
 from service.settings import Settings
@@ -41,7 +41,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (EmbedRequest, ClassifyRequest, SearchRequest, AddItemsRequest):
+    for model in (EmbedRequest, ClassifyRequest, SearchRequest, AddItemsRequest, analyze.AnalyzeRequest):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(js.pop("$defs", {}))
         components[model.__name__] = js
@@ -89,6 +89,7 @@ def create_app(
     app.include_router(inference.router)
     app.include_router(ops.router)
     app.include_router(search.router)
+    app.include_router(analyze.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(

@@ -26,7 +26,7 @@ from service.metrics import ServiceMetrics
 __all__ = ["ApiKeyPolicy", "ServiceMiddleware"]
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search"})
+INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search", "/analyze"})
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STAGES = ("decode", "queue", "compute")
 
