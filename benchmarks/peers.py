@@ -21,18 +21,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +53,7 @@ BATCH, WAIT_S = 32, 0.005
 # ----------------------------------------------------------------------------------------------------------------
 # Peer servers (run in a child process: `python benchmarks/peers.py --serve litserve --port P --precision bf16`)
 # ----------------------------------------------------------------------------------------------------------------
-def _backend_and_decoder(precision: str):  # noqa: ANN202 - heavy imports stay in the child
+def _backend_and_decoder(precision: str) -> tuple[Any, Any]:  # heavy imports stay in the child
     import aimcore
     from service.backends.torch_backend import TorchBackend
     from service.decoding import DecodeLimits, ImageDecoder
@@ -58,12 +62,16 @@ def _backend_and_decoder(precision: str):  # noqa: ANN202 - heavy imports stay i
     return backend, ImageDecoder(backend.info.preprocess, DecodeLimits(), workers=2)
 
 
-def serve_litserve(port: int, precision: str) -> None:
+try:  # benchmark-only dependency; the class must live at module level for LitServe's spawned workers
     import litserve as ls
+except ImportError:  # pragma: no cover
+    ls = None
 
-    class AimAPI(ls.LitAPI):
+if ls is not None:
+
+    class AimLitAPI(ls.LitAPI):
         def setup(self, device: str) -> None:
-            self.backend, self.decoder = _backend_and_decoder(precision)
+            self.backend, self.decoder = _backend_and_decoder(os.environ.get("AIM_PEER_PRECISION", "bf16"))
 
         def decode_request(self, request: dict) -> np.ndarray:
             return self.decoder.decode_one(request["image"])  # (3, S, S)
@@ -81,7 +89,12 @@ def serve_litserve(port: int, precision: str) -> None:
         def encode_response(self, output: np.ndarray) -> dict:
             return {"embedding": output.tolist()}
 
-    api = AimAPI(max_batch_size=BATCH, batch_timeout=WAIT_S)
+
+def serve_litserve(port: int, precision: str) -> None:
+    if ls is None:
+        raise RuntimeError("litserve is not installed: pip install litserve")
+    os.environ["AIM_PEER_PRECISION"] = precision
+    api = AimLitAPI(max_batch_size=BATCH, batch_timeout=WAIT_S)
     ls.LitServer(api, accelerator="cpu", timeout=60).run(port=port, generate_client_file=False)
 
 
@@ -157,16 +170,22 @@ def start(name: str, cmd: list[str], port: int, path: str, ready: str, timeout_s
         # importing this interpreter's stdlib (a patch-level mismatch: RLock has no _recursion_count).
         libdir = sysconfig.get_config_var("LIBDIR")
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Own process group: LitServe's workers and Triton's server outlive a SIGTERM to the parent otherwise, and the
+    # group is paused (SIGSTOP) while another server is measured, so an idle peer's polling loop steals no CPU.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
             raise RuntimeError(f"{name} exited with {proc.returncode}: {err}")
         if _get_ok(port, ready):
             return Server(name, port, proc, path, ready)
         time.sleep(0.3)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     raise RuntimeError(f"{name} not ready after {timeout_s}s")
 
 
@@ -186,7 +205,25 @@ async def closed_loop(server: Server, payloads: list[bytes], concurrency: int, s
     return samples
 
 
-def level(server: Server, blobs: list[bytes], c: int, seconds: float) -> tuple[float, list[Sample]]:
+def signal_group(server: Server, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, sig)
+
+
+def level(
+    server: Server, blobs: list[bytes], c: int, seconds: float, others: Sequence[Server] = ()
+) -> tuple[float, list[Sample]]:
+    """images/s and the 200 answers of `server` at `c` concurrent clients; `others` are paused meanwhile."""
+    for o in others:
+        signal_group(o, signal.SIGSTOP)
+    try:
+        return _level(server, blobs, c, seconds)
+    finally:
+        for o in others:
+            signal_group(o, signal.SIGCONT)
+
+
+def _level(server: Server, blobs: list[bytes], c: int, seconds: float) -> tuple[float, list[Sample]]:
     payloads = [server.payload(b) for b in blobs]
     t0 = time.perf_counter()
     samples = asyncio.run(closed_loop(server, payloads, c, seconds))
@@ -202,6 +239,8 @@ def overhead_ms(s: Sample) -> float:
 
 
 def run(args: argparse.Namespace) -> str:
+    # Every server gets what ours sets for itself (service/__init__.py): OpenMP threads that sleep when idle.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     blobs = jpeg_corpus()
     me = sys.executable
     servers: list[Server] = []
@@ -226,27 +265,28 @@ def run(args: argparse.Namespace) -> str:
                 skipped[name] = str(exc)[-600:]
                 logger.error("%s cannot run: %s", name, skipped[name])
         for s in servers:  # warm-up
-            level(s, blobs, 8, 1.0)
+            level(s, blobs, 8, 1.0, [o for o in servers if o is not s])
         rates: dict[tuple[str, int], list[float]] = {}
         over: dict[int, list[float]] = {}
         for r in range(args.rounds):
             for c in args.concurrency:
                 for s in servers if r % 2 == 0 else servers[::-1]:
-                    rate, ok = level(s, blobs, c, args.seconds)
+                    rate, ok = level(s, blobs, c, args.seconds, [o for o in servers if o is not s])
                     rates.setdefault((s.name, c), []).append(rate)
                     if s.name == "ours":
                         over.setdefault(c, []).extend(overhead_ms(x) for x in ok)
                     logger.info("round %d c=%d %s: %.1f img/s", r, c, s.name, rate)
-        rate1, ok1 = level(ours, blobs, 1, args.seconds)
+        rate1, ok1 = level(ours, blobs, 1, args.seconds, servers[1:])
         over[1] = [overhead_ms(x) for x in ok1]
     finally:
         for s in servers:
-            s.proc.terminate()
+            signal_group(s, signal.SIGCONT)
+            signal_group(s, signal.SIGTERM)
         for s in servers:
             try:
                 s.proc.wait(30)
             except subprocess.TimeoutExpired:
-                s.proc.kill()
+                signal_group(s, signal.SIGKILL)
     offline, ceiling = offline_rates(precision if chosen["name"] == "torch" else None, blobs, args.seconds)
     return report(args, chosen, precision, rates, over, skipped, offline, ceiling, rate1)
 
@@ -279,7 +319,7 @@ def offline_rates(precision: str | None, blobs: list[bytes], seconds: float) -> 
     return offline, n / (time.perf_counter() - t0)
 
 
-def report(args, chosen, precision, rates, over, skipped, offline, ceiling, rate1) -> str:  # noqa: ANN001
+def report(args, chosen, precision, rates, over, skipped, offline, ceiling, rate1) -> str:
     names = sorted({n for n, _ in rates}, key=lambda n: (n != "ours", n))
     lines = [
         SECTION,

@@ -205,8 +205,10 @@ def _autoselected(settings: Settings) -> LoadedBackend | None:
     what = "random weights" if warnings else "no model configured: the bundled demo" if settings.model is None else ""
     what = what or "the source is a checkpoint, not an export"
     reason = (
-        f"{what}; measured at start: {chosen.name} is the fastest passing candidate ({m.images_per_s:.0f} img/s at batch "
-        f"{selection.max_batch}; " + ", ".join(f"{c.name} {c.images_per_s:.0f}" for c in selection.measurements) + ")"
+        f"{what}; measured at start: {chosen.name} is the fastest passing candidate ({m.images_per_s:.0f} img/s "
+        f"at batch {selection.max_batch}; "
+        + ", ".join(f"{c.name} {c.images_per_s:.0f}" for c in selection.measurements)
+        + ")"
     )
     logger.info("backend for %s: %s", model_id, reason)
     if chosen.directory is not None and chosen.manifest is not None:
