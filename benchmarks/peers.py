@@ -38,7 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# Before torch loads (benchmarks.serve imports it): OpenMP threads that sleep when idle, as ours sets for itself
+# (service/__init__.py); the peers and the offline runs inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -239,8 +243,6 @@ def overhead_ms(s: Sample) -> float:
 
 
 def run(args: argparse.Namespace) -> str:
-    # Every server gets what ours sets for itself (service/__init__.py): OpenMP threads that sleep when idle.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     blobs = jpeg_corpus()
     me = sys.executable
     servers: list[Server] = []

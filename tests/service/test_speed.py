@@ -151,3 +151,34 @@ def test_autoselect_skips_batch_variant_and_unloadable_candidates() -> None:
     assert by_name["torch-fp32"].invariance <= 1e-6 and by_name["torch-fp32"].min_cosine > 0.99999
     with pytest.raises(RuntimeError, match="no backend candidate passed"):
         select_backend([int8], demo, settings)
+
+
+def test_onnx_early_exit_graph_serves_logits_only_batches(
+    debug_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`python -m export onnx --probe-graph` writes the probe-layer graph beside the full one, with its own parity;
+    the ONNX Runtime backend runs batches without `embedding` on it, with the full graph's answers."""
+    from export.__main__ import main as export_main
+    from service.backends.onnx_backend import OnnxBackend
+
+    out = tmp_path_factory.mktemp("early") / "onnx"
+    args = ["onnx", "--checkpoint", str(debug_checkpoint), "--out", str(out), "--max-batch", "4", "--probe-graph"]
+    assert export_main(args) == 0
+    probe = read_manifest(out / "probe")
+    config = probe.model_config
+    assert sorted(probe.outputs) == ["logits", "pooled"] and probe.parity and "skipped" not in probe.parity
+    assert probe.runtime["blocks_run"] == max(config.probe_layers) + 1 < config.depth
+    backend = OnnxBackend(out, device="cpu")
+    early = backend.info.extra["early_exit"]
+    assert early["blocks_run"] == probe.runtime["blocks_run"] and early["of_blocks"] == config.depth
+    x = np.random.default_rng(0).normal(0, 1, (3, 3, config.img_size, config.img_size)).astype(np.float32)
+    full = backend.infer(x, ["embedding", "pooled", "logits"])  # the full graph (embedding asked)
+
+    class FullGraphMustNotRun:
+        def run(self, *a: object, **k: object) -> None:
+            raise AssertionError("a logits-only batch ran the full graph")
+
+    backend.session = FullGraphMustNotRun()  # type: ignore[assignment]
+    got = backend.infer(x, ["logits", "pooled"])
+    for name in ("logits", "pooled"):
+        np.testing.assert_allclose(got[name], full[name], rtol=1e-4, atol=1e-5, err_msg=name)
