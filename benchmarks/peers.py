@@ -42,7 +42,7 @@ from typing import Any
 # (service/__init__.py); the peers and the offline runs inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -12,10 +12,10 @@ Each candidate must pass, on the golden images (service.golden):
    `INVARIANCE_TOL` (max abs difference of the L2-normalised vectors). Retrieval, dedup and caches rely on an
    image having one vector. Dynamic int8 quantisation computes activation scales per batch, so it fails here and is
    only served when pinned (`backend=onnxruntime`);
-and is timed at the largest batch and at batch 1, in interleaved rounds (best of 3) within
-`autoselect_seconds`. The fastest passing candidate at
-the largest batch is served; the others are released. `/info` (backend.selection) and the metric
-`aim_backend_candidate_images_per_second` say what was measured and why the winner won.
+and is timed at the largest batch and at batch 1, in interleaved rounds (best of 3) within `autoselect_seconds`.
+The fastest passing candidate at the largest batch is served; the others are released (with a single passing
+candidate nothing is timed). `/info` (backend.selection) and the metric `aim_backend_candidate_images_per_second`
+say what was measured and why the winner won.
 """
 
 from __future__ import annotations
@@ -210,7 +210,9 @@ def select_backend(
     # every candidate instead of all the rounds of one.
     full = pixels[np.arange(max_batch) % len(pixels)]  # (max_batch, 3, S, S)
     slot = settings.autoselect_seconds / max(1, TIMING_ROUNDS * len(built))
-    for _ in range(TIMING_ROUNDS):
+    # With fewer than two passing candidates there is nothing to choose: no timing (rates stay 0 in /info).
+    rounds = TIMING_ROUNDS if sum(m.eligible for _, _, m in built) >= 2 else 0
+    for _ in range(rounds):
         for _cand, backend, m in built:
             t0_c = time.perf_counter()
             m.images_per_s = max(m.images_per_s, _rate(backend, full, slot * 0.7))

@@ -51,8 +51,11 @@ def test_backend_chosen_by_measurement_in_info_and_metrics(client: httpx.Client)
     names = [c["name"] for c in selection["candidates"]]
     assert "torch-fp32" in names
     chosen = next(c for c in selection["candidates"] if c["name"] == selection["chosen"])
-    assert chosen["eligible"] and chosen["images_per_s"] > 0 and chosen["images_per_s_b1"] > 0
-    assert chosen["images_per_s"] == max(c["images_per_s"] for c in selection["candidates"] if c["eligible"])
+    eligible = [c for c in selection["candidates"] if c["eligible"]]
+    assert chosen["eligible"] and chosen["invariance"] <= 1e-6
+    if len(eligible) > 1:  # timed only when there is a choice (bf16 exists only where it runs natively)
+        assert chosen["images_per_s"] > 0 and chosen["images_per_s_b1"] > 0
+        assert chosen["images_per_s"] == max(c["images_per_s"] for c in eligible)
     assert f"{backend['name']}-{backend['precision']}" == selection["chosen"]
     assert "measured at start" in backend["why"]
     samples = metric_samples(client.get("/metrics").text)
