@@ -31,6 +31,7 @@ __all__ = [
     "OUTPUT_EMBEDDING",
     "OUTPUT_LOGITS",
     "OUTPUT_POOLED",
+    "PROBE_GRAPH_DIR",
     "ExportManifest",
     "read_manifest",
     "write_manifest",
@@ -38,6 +39,9 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "aim-export/1"
+# Subdirectory of an ONNX artefact holding its early-exit graph (pooled + logits only, stopping after the last
+# probe layer), an artefact of its own with its own manifest and parity; the service routes logits-only batches to it.
+PROBE_GRAPH_DIR = "probe"
 INPUT_NAME = "pixels"
 OUTPUT_EMBEDDING = "embedding"
 OUTPUT_POOLED = "pooled"

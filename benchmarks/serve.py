@@ -178,7 +178,7 @@ def start_server(ckpt: Path, port: int, args: argparse.Namespace, switch_ms: flo
         sys.executable, "-m", "service", "--model", str(ckpt), "--port", str(port), "--torch-threads",
         str(args.threads), "--max-batch-size", str(args.batch), "--max-wait-ms", str(args.max_wait_ms),
         "--decode-workers", str(args.workers), "--max-queue", str(args.max_queue), "--log-level", "warning",
-        "--switch-interval-ms", str(switch_ms),
+        "--switch-interval-ms", str(switch_ms), "--precision", args.precision,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120
@@ -265,10 +265,16 @@ def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     blobs = jpeg_corpus()
-    model = aimcore.build_model(aimcore.get_flavor(args.flavor)).eval()
+    config = aimcore.get_flavor(args.flavor)
+    if args.blocks:  # a compute-bound proxy: the flavor's width and resolution, only the first blocks
+        last = tuple(range(max(0, args.blocks - 2), args.blocks))
+        config = config.replace(depth=args.blocks, probe_layers=last, best_probe_layers=last)
+    model = aimcore.build_model(config).eval()
     tmp = Path(tempfile.mkdtemp(prefix="aim-serve-bench-"))
     ckpt = aimcore.save_checkpoint(model, tmp / f"{args.flavor}.safetensors")
-    backend = TorchBackend(aimcore.load_model(ckpt), model_id=str(ckpt), max_batch_size=args.batch)
+    backend = TorchBackend(
+        aimcore.load_model(ckpt), model_id=str(ckpt), max_batch_size=args.batch, precision=args.precision
+    )
     # Offline before and after the served runs; the better one is the ceiling (the machine is shared and noisy).
     offline = [offline_images_per_s(backend, blobs, args.batch, args.workers, args.seconds)]
     rows, overload = serve_and_measure(ckpt, blobs, args, args.switch_interval_ms, args.concurrency, None)
@@ -297,7 +303,9 @@ def report(
     lines = [
         SECTION,
         "",
-        f"{dt.date.today()}, `python benchmarks/serve.py --flavor {args.flavor} --seconds {args.seconds:g}` on "
+        f"{dt.date.today()}, `python benchmarks/serve.py --flavor {args.flavor} --seconds {args.seconds:g}"
+        + (f" --blocks {args.blocks}" if args.blocks else "")
+        + f" --precision {args.precision}` on "
         f"{os.cpu_count()} CPU cores ({cpu}) shared with other jobs (load average {load:.1f} at the end), torch "
         f"{torch.__version__}, {args.threads} torch thread, {args.workers} decode thread, batch cap {args.batch}, "
         f"max wait {args.max_wait_ms:g} ms, admission limit {args.max_queue} images, GIL switch interval "
@@ -364,6 +372,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=0, help="keep only the first N blocks (compute-bound proxy)")
+    parser.add_argument("--precision", default="fp32", help="torch precision, offline and served alike")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=64, help="admission limit (images)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see benchmarks/backends.py)")

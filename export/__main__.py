@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from aimcore import CheckpointError, build_model, get_flavor, load_model, save_checkpoint
+from aimcore.manifest import PROBE_GRAPH_DIR
 from export.onnx import DEFAULT_OPSET, export_onnx
 from export.parity import ParityError
 from export.provenance import SourceMismatchError
@@ -81,6 +82,21 @@ def cmd_onnx(args: argparse.Namespace) -> int:
             external_data=True if args.external_data else None,
         )
         results.append(_summary(manifest, directory))
+        if args.probe_graph and model.config.has_head and "embedding" in manifest.outputs:
+            # Early exit for logits-only batches (issue 13): the same precision, stopping after the last probe
+            # layer, with its own parity in its own manifest; the service routes such batches to it.
+            probe = export_onnx(
+                model,
+                directory / PROBE_GRAPH_DIR,
+                max_batch=args.max_batch,
+                precision=precision,
+                opset=args.opset,
+                outputs="pooled,logits",
+                check_parity=not args.skip_parity,
+                images=args.images,
+                external_data=True if args.external_data else None,
+            )
+            results.append(_summary(probe, directory / PROBE_GRAPH_DIR))
     _emit(results)
     return 0
 
@@ -133,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated subset of embedding,pooled,logits; without embedding the graph stops after the "
         "last probe layer (default: every output the model has)",
+    )
+    p.add_argument(
+        "--probe-graph",
+        action="store_true",
+        help=f"also write OUT/.../{PROBE_GRAPH_DIR}: pooled + logits only, stopping after the last probe layer "
+        "(the service runs /classify batches on it)",
     )
     p.add_argument("--images", default=None, help="folder of real images for parity (default: tests/assets/images)")
     p.add_argument("--external-data", action="store_true", help="store weights in model.onnx.data at any size")

@@ -89,6 +89,8 @@ class Engine:
                     "precision": info.precision,
                 }
             )
+            if loaded.selection:
+                self._record_selection(loaded.selection)
             self.reason = "warming up and self-checking"
             self.golden = await asyncio.to_thread(self._self_check, loaded)
             self.metrics.golden_ok.set(1 if self.golden.ok else 0)
@@ -136,6 +138,13 @@ class Engine:
             self.golden.status,
             self.golden.reference,
         )
+
+    def _record_selection(self, selection: dict[str, Any]) -> None:
+        for c in selection["candidates"]:
+            labels = (c["name"], str(c["eligible"]).lower(), "1" if c["name"] == selection["chosen"] else "0")
+            gauge = self.metrics.backend_candidate_rate
+            gauge.labels(labels[0], str(selection["max_batch"]), *labels[1:]).set(c["images_per_s"])
+            gauge.labels(labels[0], "1", *labels[1:]).set(c["images_per_s_b1"])
 
     def _load_backend(self) -> LoadedBackend:
         if self._injected is not None:
@@ -316,6 +325,7 @@ class Engine:
                 "precision": info.precision,
                 "max_batch_size": info.max_batch_size,
                 "why": self.loaded.reason,
+                "selection": self.loaded.selection,
                 "extra": {k: v for k, v in info.extra.items() if k != "weights_sha256"},
             },
             "self_check": self.golden.to_dict() if self.golden else None,

@@ -23,7 +23,7 @@ from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import ApiKeyPolicy, ServiceMiddleware
 from service.retrieval import Retrieval
-from service.routes import inference, kserve, openai_compat, ops, search
+from service.routes import analyze, inference, kserve, openai_compat, ops, search
 from service.routes.kserve_schemas import InferRequest
 from service.routes.openai_schemas import EmbeddingsRequest
 from service.schemas import ClassifyRequest, EmbedRequest
@@ -43,7 +43,15 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (EmbedRequest, ClassifyRequest, SearchRequest, AddItemsRequest, EmbeddingsRequest, InferRequest):
+    for model in (
+        EmbedRequest,
+        ClassifyRequest,
+        SearchRequest,
+        AddItemsRequest,
+        EmbeddingsRequest,
+        InferRequest,
+        analyze.AnalyzeRequest,
+    ):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(js.pop("$defs", {}))
         components[model.__name__] = js
@@ -93,6 +101,7 @@ def create_app(
     app.include_router(search.router)
     app.include_router(openai_compat.router)  # protocol adapters over the same pipeline (issue 15)
     app.include_router(kserve.router)
+    app.include_router(analyze.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(

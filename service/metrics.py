@@ -74,6 +74,12 @@ class ServiceMetrics:
             "aim_golden_min_cosine", "Lowest cosine between served and reference outputs at boot", registry=r
         )
         self.model_info = Info("aim_model", "What is being served", registry=r)
+        self.backend_candidate_rate = Gauge(
+            "aim_backend_candidate_images_per_second",
+            "Start-up measurement of each backend candidate (autoselect); chosen=1 for the one served",
+            ["candidate", "batch", "eligible", "chosen"],
+            registry=r,
+        )
         # ----- the vector index -----
         self.index_size = Gauge("aim_index_size", "Searchable items in the index", registry=r)
         self.index_tombstones = Gauge(

@@ -26,7 +26,7 @@ from service.metrics import ServiceMetrics
 __all__ = ["ApiKeyPolicy", "ServiceMiddleware"]
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search", "/v1/embeddings"})
+INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search", "/v1/embeddings", "/analyze"})
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STAGES = ("decode", "queue", "compute")
 

@@ -169,6 +169,15 @@ class Settings(BaseSettings):
         "loop sooner while decode/compute threads run (a latency knob; see docs/BENCHMARKS.md)",
     )
 
+    # ----- speed (issue 13) -----
+    autoselect: bool = Field(
+        True,
+        description="with backend=auto, measure the candidate paths at start (torch fp32/bf16, ONNX exports) and "
+        "serve the fastest with cosine >= golden_min_cosine to fp32 that is batch-invariant; pin one with "
+        "--backend (and --precision)",
+    )
+    autoselect_seconds: float = Field(2.0, gt=0, le=120, description="time budget for measuring all candidates")
+
     @field_validator("allowed_formats", mode="before")
     @classmethod
     def _split_formats(cls, value: Any) -> Any:

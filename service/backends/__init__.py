@@ -6,8 +6,10 @@ What `settings.model` names decides what can serve it:
 - anything else `aimcore.load_model` takes (checkpoint file or folder, aim-demo, released flavor, HF id): torch;
 - nothing: the bundled aim-demo when shipped (on a CPU with onnxruntime, its int8 ONNX export, the fastest CPU path
   within cosine 0.999 of fp32), else aim-debug with random weights (and a loud warning).
-`auto` picks, best first: a TensorRT engine (tensorrt package + GPU), ONNX Runtime (its TensorRT/CUDA providers
-first), PyTorch; each choice and each skipped candidate is logged with its reason.
+`auto` with a checkpoint source (or none) measures the candidates at start and serves the fastest that keeps cosine
+0.999 to fp32 and is batch-invariant (service.backends.autoselect; `autoselect=false` restores the static order).
+For an export source `auto` picks, best first: a TensorRT engine (tensorrt package + GPU), ONNX Runtime (its
+TensorRT/CUDA providers first), PyTorch; each choice and each skipped candidate is logged with its reason.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,6 +65,7 @@ class LoadedBackend:
     reference: AimModel | None = None
     warnings: list[str] = field(default_factory=list)
     manifest: ExportManifest | None = None
+    selection: dict[str, Any] | None = None  # what autoselect measured (service.backends.autoselect)
 
 
 def find_artifacts(source: str | None) -> list[tuple[Path, ExportManifest]]:
@@ -173,10 +177,57 @@ def _pick_artifact(settings: Settings, artifacts: list[tuple[Path, ExportManifes
     raise ValueError(f"backend {wanted!r} cannot serve {settings.model}: artefacts there are {sorted(by_kind)}")
 
 
+def _onnx_loaded(backend: InferenceBackend, directory: Path, manifest: ExportManifest, reason: str) -> LoadedBackend:
+    """An ONNX Runtime / TensorRT backend with its stored reference outputs (or its source model to compute them)."""
+    stored = directory / "golden.npz"
+    if not stored.is_file() and manifest.reference:
+        stored = directory / str(manifest.reference.get("file", "reference.npz"))
+    ref = None if stored.is_file() else _reference_from_source(manifest)
+    return LoadedBackend(backend, reason, stored, reference=ref, manifest=manifest)
+
+
+def _autoselected(settings: Settings) -> LoadedBackend | None:
+    """backend=auto with a checkpoint source (or none): measure the candidates here and serve the fastest that
+    passes (service.backends.autoselect). None when the source is an export directory (picked by kind)."""
+    from service.backends.autoselect import onnx_candidate, select_backend, torch_candidates
+
+    if find_artifacts(settings.model):
+        return None
+    model, model_id, warnings = _load_torch_model(settings)
+    device = resolve_device(settings.device)
+    extra = {"random_weights": True} if warnings else {}
+    candidates = torch_candidates(model, settings, device, model_id, extra=extra)
+    bundled = BUNDLED_CPU_ARTIFACT / MANIFEST_NAME
+    if settings.model is None and not warnings and device == "cpu" and bundled.is_file() and onnx_providers():
+        candidates.append(onnx_candidate(BUNDLED_CPU_ARTIFACT, read_manifest(BUNDLED_CPU_ARTIFACT), settings))
+    chosen, backend, selection = select_backend(candidates, model, settings)
+    m = next(m for m in selection.measurements if m.name == chosen.name)
+    what = "random weights" if warnings else "no model configured: the bundled demo" if settings.model is None else ""
+    what = what or "the source is a checkpoint, not an export"
+    reason = (
+        f"{what}; measured at start: {chosen.name} is the fastest passing candidate ({m.images_per_s:.0f} img/s "
+        f"at batch {selection.max_batch}; "
+        + ", ".join(f"{c.name} {c.images_per_s:.0f}" for c in selection.measurements)
+        + ")"
+    )
+    logger.info("backend for %s: %s", model_id, reason)
+    if chosen.directory is not None and chosen.manifest is not None:
+        loaded = _onnx_loaded(backend, chosen.directory, chosen.manifest, reason)
+    else:
+        source = settings.model if settings.model is not None else None
+        loaded = LoadedBackend(backend, reason, golden_path_for(model, source), reference=model, warnings=warnings)
+    loaded.selection = selection.to_dict()
+    return loaded
+
+
 def create_backend(settings: Settings) -> LoadedBackend:
     """Load what `settings` names on the backend it asks for (or the best present for `auto`)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.backend == "auto" and settings.autoselect:
+        selected = _autoselected(settings)
+        if selected is not None:
+            return selected
     bundled = bundled_cpu_artifact(settings)
     artifacts = find_artifacts(str(bundled) if bundled is not None else settings.model)
     if artifacts:
@@ -211,11 +262,7 @@ def create_backend(settings: Settings) -> LoadedBackend:
             )
             return LoadedBackend(backend, reason, golden_path_for(ref, None), reference=ref)
         logger.info("backend %s for %s: %s", name, directory, reason)
-        stored = directory / "golden.npz"
-        if not stored.is_file() and manifest.reference:
-            stored = directory / str(manifest.reference.get("file", "reference.npz"))
-        ref = None if stored.is_file() else _reference_from_source(manifest)
-        return LoadedBackend(backend, reason, stored, reference=ref, manifest=manifest)
+        return _onnx_loaded(backend, directory, manifest, reason)
 
     if settings.backend in ("onnxruntime", "tensorrt"):
         raise ValueError(

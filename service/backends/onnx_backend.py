@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from aimcore import sha256_file
-from aimcore.manifest import INPUT_NAME, ExportManifest, read_manifest
+from aimcore.manifest import INPUT_NAME, MANIFEST_NAME, PROBE_GRAPH_DIR, ExportManifest, read_manifest
 from service.backends.base import BackendInfo
 
 __all__ = ["OnnxBackend", "onnx_providers"]
@@ -82,15 +82,61 @@ class OnnxBackend:
             manifest_runtime=manifest.runtime,
         )
         self.manifest = manifest
+        # Early exit (issue 13): batches that want no embedding run the probe-layer graph beside this one.
+        self.probe_session: Any = None
+        self.probe_outputs: list[str] = []
+        probe = self._probe_manifest(manifest)
+        if probe is not None:
+            probe_dir = self.directory / PROBE_GRAPH_DIR
+            probe_path = probe_dir / probe.artifact
+            if verify_checksum and sha256_file(probe_path) != probe.artifact_sha256:
+                raise ValueError(f"{probe_path} does not match its manifest: the early-exit graph is damaged")
+            self.probe_session = create_session(
+                probe_path, providers=providers, intra_op_threads=threads, allow_spinning=False
+            )
+            self.probe_outputs = [o.name for o in self.probe_session.get_outputs()]
+            self.info.extra["early_exit"] = {
+                "directory": str(probe_dir),
+                "outputs": self.probe_outputs,
+                "blocks_run": probe.runtime.get("blocks_run"),
+                "of_blocks": manifest.model_config.depth,
+                "parity": probe.parity,
+            }
+            logger.info(
+                "early exit: %s for batches without embedding (%s blocks)", probe_dir, probe.runtime.get("blocks_run")
+            )
+
+    def _probe_manifest(self, manifest: ExportManifest) -> ExportManifest | None:
+        """The probe-layer graph's manifest when it is present and belongs to this artefact (same source weights,
+        precision and preprocessing), else None (logged)."""
+        path = self.directory / PROBE_GRAPH_DIR / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        probe = read_manifest(path.parent)
+        same = (
+            probe.kind == "onnx"
+            and probe.precision == manifest.precision
+            and probe.source.get("sha256") == manifest.source.get("sha256")
+            and probe.preprocess == manifest.preprocess
+            and "embedding" not in probe.outputs
+        )
+        if not same:
+            logger.warning("%s is not this artefact's early-exit graph (other weights or precision); not used", path)
+            return None
+        return probe
 
     def infer(self, pixels: np.ndarray, outputs: Collection[str]) -> dict[str, np.ndarray]:
-        missing = [o for o in outputs if o not in self.output_names]
-        if missing:
-            raise ValueError(f"the ONNX graph has no output {missing}; it has {self.output_names}")
         names = list(outputs)
+        session, available = self.session, self.output_names
+        if self.probe_session is not None and names and all(o in self.probe_outputs for o in names):
+            session, available = self.probe_session, self.probe_outputs
+        missing = [o for o in names if o not in available]
+        if missing:
+            raise ValueError(f"the ONNX graph has no output {missing}; it has {available}")
         x = np.ascontiguousarray(pixels, dtype=np.float32)  # (B, C, S, S)
-        values = self.session.run(names, {INPUT_NAME: x})
+        values = session.run(names, {INPUT_NAME: x})
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(names, values, strict=True)}
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+        self.probe_session = None

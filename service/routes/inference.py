@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Collection
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.deps import EngineDep
@@ -25,7 +25,7 @@ from service.schemas import (
     request_body,
 )
 
-__all__ = ["embed_vectors", "infer", "l2_normalize", "router"]
+__all__ = ["embed_vectors", "infer", "json_response", "l2_normalize", "router", "top_k_predictions"]
 
 router = APIRouter(tags=["inference"])
 T = TypeVar("T")
@@ -33,8 +33,31 @@ T = TypeVar("T")
 _ERRORS = error_responses(401, 413, 415, 422, 429, 503, 504)
 
 
-def _json(body: dict[str, Any]) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+def json_response(body: dict[str, Any]) -> Response:
+    """orjson writes numpy arrays natively (float32 as its shortest round-trip text): about 20x faster than
+    `.tolist()` + json.dumps for a batch of vectors, and this runs on the event loop once per request."""
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+_json = json_response
+
+
+def top_k_predictions(logits: np.ndarray, k: int, labels: list[str] | None) -> list[dict[str, Any]]:
+    """(n, C) logits -> per image the k best labels, class indices and softmax probabilities (float64 softmax)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=1, keepdims=True)
+    k = min(int(k), probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [
+        {
+            "labels": [labels[i] if labels else None for i in row],
+            "indices": [int(i) for i in row],
+            "probs": [float(probs[r, i]) for i in row],
+        }
+        for r, row in enumerate(top.tolist())
+    ]
 
 
 def _deadline(request: Request, engine: Engine) -> float:
@@ -129,7 +152,7 @@ async def embed(request: Request, engine: EngineDep) -> Response:
     vectors = await embed_vectors(request, engine, inputs.images, pooling, normalize)
     return _json(
         {
-            "embeddings": vectors.tolist(),
+            "embeddings": vectors,
             "dim": int(vectors.shape[1]),
             "count": len(vectors),
             "recipe": engine.recipe(pooling, normalize),
@@ -152,21 +175,8 @@ async def classify(request: Request, engine: EngineDep) -> Response:
     if not info.has_head:
         raise NoHeadError(f"model {info.model_id!r} has no classification head; load a head or use /embed")
     result = await infer(request, engine, inputs.images, ["logits"])
-    logits = np.stack([row["logits"] for row in result.rows]).astype(np.float64)  # (n, C)
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    k = min(int(inputs.options["top_k"]), probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    labels = info.labels
-    predictions = [
-        {
-            "labels": [labels[i] if labels else None for i in row],
-            "indices": [int(i) for i in row],
-            "probs": [float(probs[r, i]) for i in row],
-        }
-        for r, row in enumerate(top.tolist())
-    ]
+    logits = np.stack([row["logits"] for row in result.rows])  # (n, C)
+    predictions = top_k_predictions(logits, inputs.options["top_k"], info.labels)
     return _json(
         {
             "predictions": predictions,
