@@ -50,8 +50,18 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = opt("", "training images: a folder (recursive), a list file (.txt) or WebDataset .tar shards")
+    path: str = opt(
+        "",
+        "training images: a folder (recursive), a list file (.txt), WebDataset .tar shards (brace pattern, "
+        "'::' list, folder of .tar) or a wids descriptor .json (url + nsamples per shard; local or remote shards)",
+    )
     format: str = opt("auto", "how to read data.path: auto | folder | list | wds")
+    shuffle_window: int = opt(10_000, "WebDataset: samples shuffled together after the per-epoch shard permutation")
+    open_shards: int = opt(8, "WebDataset: shards kept open (mmap) per loader process")
+    cache_dir: str = opt("", "WebDataset: local folder for remote shards (pipe:, http(s), s3, gs) fetched by wids")
+    max_bad_fraction: float = opt(
+        0.05, "stop the run when unreadable samples exceed this fraction of the samples seen (after 20 bad ones)"
+    )
     val_path: str = opt("", "separate validation images (same forms as data.path); empty = hold out val_fraction")
     val_fraction: float = opt(0.01, "fraction of data.path held out for validation (stable hash of the name)")
     val_max_samples: int = opt(512, "at most this many validation images per evaluation")
@@ -195,6 +205,8 @@ class TrainConfig:
             p.append(f"data.color_jitter={d.color_jitter}: strengths must be >= 0 and hue in [0, 0.5]")
         if not 0 <= d.val_fraction < 1:
             p.append(f"data.val_fraction={d.val_fraction} must be in [0, 1); use 0 with data.val_path or no val")
+        if d.shuffle_window < 1 or d.open_shards < 1 or not 0 <= d.max_bad_fraction <= 1:
+            p.append("data.shuffle_window >= 1, data.open_shards >= 1 and 0 <= data.max_bad_fraction <= 1 are required")
         if d.num_workers < 0 or d.prefetch_factor < 1 or d.max_retries < 0:
             p.append("data.num_workers >= 0, data.prefetch_factor >= 1 and data.max_retries >= 0 are required")
         if o.lr <= 0 or o.warmup_init_lr < 0 or o.end_lr < 0 or o.end_lr > o.lr:

@@ -43,13 +43,12 @@ from training.checkpointing import (
     restore_rng,
 )
 from training.config import ConfigError, TrainConfig, load_config
-from training.data import StreamPosition, TrainBatches, ValBatches, make_train_loader
+from training.data import StreamPosition, TrainBatches, ValBatches, make_train_loader, open_data
 from training.decoder import PretrainModel, build_pretrain_model
 from training.logging_utils import MetricsSink, device_peak_flops, setup_logging
 from training.loss import pixel_loss, pixel_loss_terms
 from training.masking import build_attention_mask
 from training.optim import build_optimizer, lr_at, set_lr
-from training.sources import list_samples, split_validation
 
 logger = logging.getLogger("training.pretrain")
 
@@ -69,6 +68,12 @@ class Progress:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TooMuchBadDataError(RuntimeError):
+    """More unreadable samples than data.max_bad_fraction allows."""
+
+BAD_DATA_GRACE = 20  # bad samples tolerated whatever the fraction, so a small run is not stopped by a handful
 
 
 class Trainer:
@@ -123,20 +128,19 @@ class Trainer:
         # ----- data -----
         if not cfg.data.path:
             raise ConfigError("data.path is empty: pass --data <folder | list.txt | shards.tar>")
+        d = cfg.data
         try:
-            samples = list_samples(cfg.data.path, cfg.data.format)
-            if cfg.data.val_path:
-                train_samples, val_samples = samples, list_samples(cfg.data.val_path, cfg.data.format)
-            else:
-                train_samples, val_samples = split_validation(samples, cfg.data.val_fraction)
+            train_source, val_source = open_data(
+                d.path, d.val_path, fmt=d.format, val_fraction=d.val_fraction, seed=cfg.train.seed,
+                shuffle_window=d.shuffle_window, open_shards=d.open_shards, cache_dir=d.cache_dir,
+            )  # fmt: skip
         except (OSError, ValueError, tarfile.TarError) as exc:
             raise ConfigError(f"cannot read the data: {exc}") from exc
-        d = cfg.data
         aug = AugmentConfig(self.aim_cfg.img_size, d.crop_scale, d.crop_ratio, d.hflip_p, d.color_jitter,
                             d.color_jitter_p)  # fmt: skip
         position = StreamPosition(self.progress.samples_seen, env.world_size, env.rank, cfg.train.micro_batch_size)
         self.train_data = TrainBatches(
-            train_samples, augment_config=aug, position=position, seed=cfg.train.seed, num_tokens=self.num_tokens,
+            train_source, augment_config=aug, position=position, seed=cfg.train.seed, num_tokens=self.num_tokens,
             max_retries=d.max_retries, max_pixels=d.max_image_pixels, jpeg_draft=d.jpeg_draft,
         )  # fmt: skip
         self.loader = make_train_loader(
@@ -145,15 +149,15 @@ class Trainer:
         )  # fmt: skip
         self._bad_images: set[str] = set()
         self.val_data = None
-        if val_samples:
+        if val_source is not None:
             self.val_data = ValBatches(
-                val_samples, img_size=self.aim_cfg.img_size, seed=cfg.train.seed, num_tokens=self.num_tokens,
+                val_source, img_size=self.aim_cfg.img_size, seed=cfg.train.seed, num_tokens=self.num_tokens,
                 max_pixels=d.max_image_pixels, max_samples=d.val_max_samples,
             )  # fmt: skip
         logger.info(
             "%s: %d train / %d val images; %s params (trunk %s, head %s); global batch %d = %d ranks x %d x %d "
             "accumulation; attention %s; %s; strategy %s",
-            self.aim_cfg.name, len(train_samples), len(self.val_data or []),
+            self.aim_cfg.name, len(train_source), len(self.val_data or []),
             f"{sum(p.numel() for p in self.model.parameters()):,}", f"{self.model.aim.num_params():,}",
             f"{sum(p.numel() for p in self.model.decoder.parameters()):,}", self.global_batch, env.world_size,
             cfg.train.micro_batch_size, self.accum, self.kernel, cfg.train.precision, env.strategy,
@@ -290,6 +294,7 @@ class Trainer:
                 loss_value, grad_norm = self._optimizer_step(step_loss, skipped)
                 p.step += 1
                 p.samples_seen += self.global_batch
+                self._check_bad_fraction()
                 last_loss = loss_value
                 interval["loss"] += loss_value
                 interval["steps"] += 1
@@ -332,6 +337,14 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm
+
+    def _check_bad_fraction(self) -> None:
+        p, limit = self.progress, self.cfg.data.max_bad_fraction
+        if p.skipped_images > max(BAD_DATA_GRACE, limit * p.samples_seen):
+            raise TooMuchBadDataError(
+                f"{p.skipped_images} of {p.samples_seen} samples were unreadable, more than data.max_bad_fraction="
+                f"{limit}; check the shards named in the warnings above or raise --data.max_bad_fraction"
+            )
 
     def _note_failures(self, failures: list[tuple[str, str]]) -> int:
         """Log each unreadable image once (at warning level); every occurrence is counted."""
@@ -405,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         return 3
+    except TooMuchBadDataError as exc:
+        logger.error("%s", exc)
+        return 4
     if rank == 0:
         logger.info("done: %s", {k: v for k, v in result.items() if k != "run_dir"})
     return 0
