@@ -297,6 +297,27 @@ class TrainConfig:
         return cls(**sections)
 
 
+# What makes a run the same run: the data it reads, the model it builds and the objective it optimises. A
+# checkpoint of a run that differs in any of these is refused on resume (the kernel choice, batch split, steps,
+# logging and so on may change).
+RUN_IDENTITY = {
+    "data": ("path", "format", "val_path", "val_fraction"),
+    "model": tuple(f.name for f in dataclasses.fields(ModelSection) if f.name != "attention"),
+    "train": ("seed",),
+}
+
+
+def run_identity_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
+    """`section.option: saved -> current` for every identity option that differs."""
+    out = []
+    for section, names in RUN_IDENTITY.items():
+        for name in names:
+            old, new = getattr(getattr(saved, section), name), getattr(getattr(current, section), name)
+            if old != new:
+                out.append(f"{section}.{name}: {old!r} -> {new!r}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parsing values
 # ----------------------------------------------------------------------------------------------------------------

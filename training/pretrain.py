@@ -39,10 +39,9 @@ from training.checkpointing import (
     capture_rng,
     export_trunk,
     full_model_state,
-    full_optimizer_state,
     restore_rng,
 )
-from training.config import ConfigError, TrainConfig, load_config
+from training.config import ConfigError, TrainConfig, load_config, run_identity_differences
 from training.data import StreamPosition, TrainBatches, ValBatches, make_train_loader, open_data
 from training.decoder import PretrainModel, build_pretrain_model
 from training.logging_utils import MetricsSink, device_peak_flops, setup_logging
@@ -64,6 +63,7 @@ class Progress:
     skipped_images: int = 0
     last_val_loss: float | None = None
     last_val_step: int = -1
+    last_loss: float | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,6 +72,7 @@ class NonFiniteLossError(RuntimeError):
 
 class TooMuchBadDataError(RuntimeError):
     """More unreadable samples than data.max_bad_fraction allows."""
+
 
 BAD_DATA_GRACE = 20  # bad samples tolerated whatever the fraction, so a small run is not stopped by a handful
 
@@ -178,39 +179,39 @@ class Trainer:
         folder = None if choice == "never" else self.ckpt.latest() if choice == "auto" else Path(choice)
         if folder is None:
             return
-        state = CheckpointManager.load(folder)
-        saved_model = TrainConfig.from_dict(state["config"]).aim_config()
-        if saved_model != self.aim_cfg:
+        meta = CheckpointManager.load_meta(folder)
+        saved = TrainConfig.from_dict(meta["config"])
+        differences = run_identity_differences(saved, self.cfg)
+        if differences:
             raise ConfigError(
-                f"{folder} holds a {saved_model.name} run with a different architecture from model.flavor="
-                f"{self.cfg.model.flavor}; use a new --checkpoint.dir or --checkpoint.resume never"
+                f"{folder} belongs to another run ({'; '.join(differences)}). Refusing to resume it: start fresh "
+                "with a new --checkpoint.dir (or --checkpoint.resume never to train from scratch in this one)"
             )
-        CheckpointManager.restore_model_and_optimizer(self.wrapped, self.optimizer, state)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(**state["progress"])
-        if state["world_size"] == self.env.world_size:
-            restore_rng(state["rng"][self.env.rank])
+        CheckpointManager.restore_model_and_optimizer(self.wrapped, self.optimizer, folder)
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.progress = Progress(**meta["progress"])
+        if meta["world_size"] == self.env.world_size:
+            restore_rng(meta["rng"][self.env.rank])
         else:
             logger.warning(
                 "resuming a %d-process run with %d processes: data position kept (sample %d), per-rank RNG states "
                 "not restored (no training randomness depends on them)",
-                state["world_size"], self.env.world_size, self.progress.samples_seen,
+                meta["world_size"], self.env.world_size, self.progress.samples_seen,
             )  # fmt: skip
-        if state["config"]["train"]["steps"] != self.cfg.train.steps:
+        if saved.train.steps != self.cfg.train.steps:
             logger.warning("train.steps changed from %s to %d: the schedule changes from here",
-                           state["config"]["train"]["steps"], self.cfg.train.steps)  # fmt: skip
+                           saved.train.steps, self.cfg.train.steps)  # fmt: skip
         logger.info("resumed from %s at step %d (sample %d)", folder, self.progress.step, self.progress.samples_seen)
 
     def _save(self) -> None:
+        """Start an asynchronous sharded save of this step (every rank; training goes on while it is written)."""
         step = self.progress.step
         if self.val_data is not None and self.progress.last_val_step != step:
             self.evaluate()
-        state = {
-            "format": "aim-pretrain-state",
-            "version": 1,
-            "model": full_model_state(self.wrapped),
-            "optimizer": full_optimizer_state(self.wrapped, self.optimizer),
+        meta = {
+            "format": "aim-pretrain-dcp",
+            "version": 2,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": D.gather_objects(capture_rng()),
             "world_size": self.env.world_size,
@@ -219,8 +220,8 @@ class Trainer:
         }
         val = self.progress.last_val_loss if self.progress.last_val_step == step else None
         kill = self.cfg.debug.sigkill_during_save_at_step == step
-        self.ckpt.save(state, step, val_loss=val, kill_mid_save=kill)
-        D.barrier()
+        self.ckpt.save_async(self.wrapped, self.optimizer, meta, step, val_loss=val, kill_mid_save=kill)
+        logger.debug("checkpoint %d staged in %.3f s", step, self.ckpt.last_save["blocked_s"])
 
     # ------------------------------------------------------------------------------------------------------------
     def _forward_loss(self, images: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
@@ -263,6 +264,9 @@ class Trainer:
         total = cfg.train.steps
         batches = iter(self.loader)
         interval: dict[str, float] = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
+        if p.step >= total:  # a resume of a finished run: nothing to train, no progress bar, the saved last loss
+            logger.info("the run in %s is already complete at step %d of %d", self.run_dir, p.step, total)
+            return self._finish(p.last_loss, already_done=True)
         bar = tqdm(total=total, initial=p.step, disable=not (env.is_main and cfg.log.progress_bar), dynamic_ncols=True)
         is_ddp = isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
         last_loss = math.nan
@@ -295,7 +299,8 @@ class Trainer:
                 p.step += 1
                 p.samples_seen += self.global_batch
                 self._check_bad_fraction()
-                last_loss = loss_value
+                last_loss = p.last_loss = loss_value
+                self.ckpt.poll()
                 interval["loss"] += loss_value
                 interval["steps"] += 1
                 bar.update(1)
@@ -373,18 +378,23 @@ class Trainer:
         self.sink.write("train", self.progress.step, metrics)
         interval.update(loss=0.0, steps=0, wait=0.0, start=time.perf_counter())
 
-    def _finish(self, last_loss: float) -> dict[str, Any]:
+    def _finish(self, last_loss: float | None, *, already_done: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = {
             "step": self.progress.step, "samples_seen": self.progress.samples_seen, "loss": last_loss,
             "val_loss": self.progress.last_val_loss, "run_dir": str(self.run_dir), "trunk": None,
         }  # fmt: skip
-        if self.cfg.checkpoint.export:
+        self.ckpt.wait()
+        D.barrier()
+        trunk_file = self.run_dir / "trunk.safetensors"
+        if already_done and trunk_file.is_file():
+            result["trunk"] = str(trunk_file)
+        elif self.cfg.checkpoint.export:
             state = full_model_state(self.wrapped)  # collective under FSDP
             if self.env.is_main:
                 provenance = {"trained_by": "training/pretrain.py", "step": self.progress.step,
                               "samples_seen": self.progress.samples_seen, "val_loss": self.progress.last_val_loss,
                               "config": self.cfg.to_dict()}  # fmt: skip
-                path = export_trunk(state, self.aim_cfg, self.run_dir / "trunk.safetensors", provenance)
+                path = export_trunk(state, self.aim_cfg, trunk_file, provenance)
                 result["trunk"] = str(path)
                 logger.info("exported the trunk to %s", path)
             D.barrier()
