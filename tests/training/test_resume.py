@@ -84,3 +84,33 @@ def test_torchrun_two_processes_then_resume_with_one(image_folder: Path, tmp_pat
     for a, b in zip(resumed, rows[2:], strict=True):
         # The same images per step; only the split of the loss normalisation over ranks differs.
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+
+
+def test_two_ranks_two_workers_over_shards_resume_bit_identically_after_kill(tmp_path: Path) -> None:
+    """WebDataset shards, 2 gloo ranks x 2 loader workers each: killed (SIGKILL, both ranks) in the middle of step
+    5, resumed from the last committed asynchronous save; every logged loss equals the uninterrupted run's."""
+    from .test_shards import write_shards
+
+    write_shards(tmp_path / "shards", 4, 12)
+    data = str(tmp_path / "shards" / "train-{000000..000003}.tar")
+    common = ["--train.steps", "6", "--checkpoint.every", "2", "--data.num_workers", "2", "--data.val_fraction",
+              "0", "--train.micro_batch_size", "4", "--data.shuffle_window", "10"]  # fmt: skip
+    ref, run = tmp_path / "ref", tmp_path / "run"
+
+    def argv(run_dir: Path) -> list[str]:
+        return [*QUICK, "--data", data, "--checkpoint.dir", str(run_dir), "--log.eval_every", "0",
+                "--checkpoint.export", "false", *common]  # fmt: skip
+
+    first = run_pretrain(argv(ref), torchrun=2, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    reference = {r["step"]: r["loss"] for r in read_metrics(ref)}
+    base = argv(run)
+    crashed = run_pretrain([*base, "--debug.sigkill_at_step", "5"], torchrun=2, timeout=240)
+    assert crashed.returncode != 0
+    resumed = run_pretrain(base, torchrun=2, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "2 ranks x 4 x 1" in resumed.stderr
+    logged = read_metrics(run)
+    assert {r["step"] for r in logged} == set(range(1, 7)) and len(logged) > 6  # some steps were run twice
+    for row in logged:
+        assert row["loss"] == reference[row["step"]], f"step {row['step']}: {row['loss']} != {reference[row['step']]}"
