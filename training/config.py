@@ -364,6 +364,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default="", help="YAML file with any subset of the options below")
     parser.add_argument("--data", default=None, help="shorthand for --data.path")
+    parser.add_argument(
+        "--dry-run", type=int, default=0, metavar="WORLD_SIZE",
+        help="build the model on the meta device and print the per-rank memory plan for WORLD_SIZE ranks "
+        "(parameters, gradients, optimizer, activations at train.micro_batch_size and dist.activation_checkpointing)",
+    )  # fmt: skip
     for section, section_cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(section_cls)

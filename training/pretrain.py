@@ -412,14 +412,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         D.shutdown()
 
 
+def _pop_dry_run(argv: list[str]) -> int:
+    """`--dry-run WORLD_SIZE` (not a config option): print the per-rank memory plan and exit."""
+    if "--dry-run" not in argv:
+        return 0
+    i = argv.index("--dry-run")
+    try:
+        world = int(argv[i + 1])
+    except (IndexError, ValueError):
+        raise ConfigError("--dry-run needs the world size to plan for, e.g. --dry-run 64") from None
+    del argv[i : i + 2]
+    return world
+
+
 def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        dry_run = _pop_dry_run(argv)
         cfg = load_config(argv)
     except (ConfigError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
+    if dry_run:
+        from training.memory_plan import format_plan, plan_memory
+
+        logger.info("dry run: %s", format_plan(plan_memory(cfg, dry_run)))
+        return 0
     try:
         result = train(cfg)
     except (ConfigError, FileNotFoundError) as exc:  # bad options or data paths: a message, not a traceback
