@@ -131,6 +131,12 @@ class LogSection:
     jsonl: bool = opt(True, "append metrics to <dir>/metrics.jsonl")
     tensorboard: bool = opt(True, "write TensorBoard scalars to <dir>/tensorboard")
     peak_tflops: float = opt(0.0, "per-device peak for MFU (0 = known GPU table, else a measured matmul peak)")
+    knn_path: str = opt(
+        "", "labelled images for a live k-NN top-1 next to the val loss (class folders, train/+val/ or a list)"
+    )
+    knn_every: int = opt(0, "k-NN top-1 every this many steps (0 = at every validation)")
+    knn_k: int = opt(20, "neighbours in the live k-NN vote")
+    knn_per_class: int = opt(50, "bank images per class for the live k-NN (held-out: half as many)")
 
 
 @dataclass
@@ -234,6 +240,8 @@ class TrainConfig:
             p.append(f"checkpoint.every ({ck.every}) and checkpoint.keep_last ({ck.keep_last}) must be >= 1")
         if not ck.dir:
             p.append("checkpoint.dir is empty; give a run directory, e.g. --checkpoint.dir runs/my-run")
+        if self.log.knn_every < 0 or self.log.knn_k < 1 or self.log.knn_per_class < 1:
+            p.append("log.knn_every >= 0, log.knn_k >= 1 and log.knn_per_class >= 1 are required")
         if self.log.every < 1 or self.log.eval_every < 0 or self.log.peak_tflops < 0:
             p.append("log.every >= 1, log.eval_every >= 0 and log.peak_tflops >= 0 are required")
         return p

@@ -24,7 +24,7 @@ import os
 import signal
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -64,6 +64,7 @@ class Progress:
     last_val_loss: float | None = None
     last_val_step: int = -1
     last_loss: float | None = None
+    knn_history: list[list[float]] = field(default_factory=list)  # [step, val_loss, knn_top1] per k-NN evaluation
 
 
 class NonFiniteLossError(RuntimeError):
@@ -155,6 +156,12 @@ class Trainer:
                 val_source, img_size=self.aim_cfg.img_size, seed=cfg.train.seed, num_tokens=self.num_tokens,
                 max_pixels=d.max_image_pixels, max_samples=d.val_max_samples,
             )  # fmt: skip
+        self.knn = None
+        if cfg.log.knn_path:
+            from training.live_knn import LiveKnn
+
+            self.knn = LiveKnn(cfg.log.knn_path, img_size=self.aim_cfg.img_size, per_class=cfg.log.knn_per_class,
+                               k=cfg.log.knn_k, batch_size=cfg.train.micro_batch_size)  # fmt: skip
         logger.info(
             "%s: %d train / %d val images; %s params (trunk %s, head %s); global batch %d = %d ranks x %d x %d "
             "accumulation; attention %s; %s; strategy %s",
@@ -254,8 +261,15 @@ class Trainer:
         loss = (totals[0] / totals[1]).item() if totals[1] > 0 else None
         self.progress.last_val_loss, self.progress.last_val_step = loss, self.progress.step
         if loss is not None:
-            self.sink.write("val", self.progress.step, {"val_loss": loss, "val_images": len(self.val_data)})
-            logger.info("step %d: val loss %.5f", self.progress.step, loss)
+            metrics: dict[str, Any] = {"val_loss": loss, "val_images": len(self.val_data)}
+            every = self.cfg.log.knn_every
+            if self.knn is not None and (not every or self.progress.step % every == 0):
+                top1 = self.knn.top1(self.wrapped, self.model.aim, self.env.device, self.autocast_dtype)
+                metrics["knn_top1"] = top1
+                self.progress.knn_history.append([self.progress.step, loss, top1])
+            self.sink.write("val", self.progress.step, metrics)
+            logger.info("step %d: val loss %.5f%s", self.progress.step, loss,
+                        f", k-NN top-1 {metrics['knn_top1']:.4f}" if "knn_top1" in metrics else "")  # fmt: skip
         return loss
 
     # ------------------------------------------------------------------------------------------------------------
@@ -385,6 +399,16 @@ class Trainer:
         }  # fmt: skip
         self.ckpt.wait()
         D.barrier()
+        history = {int(step): (val, top1) for step, val, top1 in self.progress.knn_history}  # re-runs overwrite
+        if len(history) >= 3:
+            from training.probe_lib.metrics import spearman
+
+            stats = spearman([v for v, _ in history.values()], [t for _, t in history.values()])
+            result["spearman_val_loss_knn_top1"] = stats["rho"]
+            self.sink.write("summary", self.progress.step, {"spearman_val_loss_knn_top1": stats["rho"],
+                                                            "spearman_n": stats["n"]})  # fmt: skip
+            logger.info("Spearman(val loss, k-NN top-1) over %d evaluations: rho = %.3f (the paper's finding 2: "
+                        "lower loss, better features, so rho < 0)", stats["n"], stats["rho"])  # fmt: skip
         trunk_file = self.run_dir / "trunk.safetensors"
         if already_done and trunk_file.is_file():
             result["trunk"] = str(trunk_file)
