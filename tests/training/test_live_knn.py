@@ -50,3 +50,19 @@ def test_knn_top1_is_logged_with_val_loss_and_the_summary_has_their_spearman(tmp
     trunk = aimcore.load_model(result["trunk"])
     offline = LiveKnn(str(knn), img_size=32, per_class=6, k=3, batch_size=16)
     assert offline.top1(trunk, trunk, torch.device("cpu"), torch.bfloat16) == rows[-1]["knn_top1"]
+
+
+def test_knn_under_fsdp_gathers_the_root_and_matches_the_plain_run(tmp_path: Path) -> None:
+    """FSDP2 (one process): the root's own parameters are unsharded for the k-NN forward; same figure as no FSDP."""
+    data = tmp_path / "images"
+    write_images(data, 16)
+    knn = labelled_folder(tmp_path / "labelled")
+    top1 = {}
+    for strategy in ("none", "fsdp"):
+        run = tmp_path / strategy
+        pretrain.train(load_config([*QUICK, "--data", str(data), "--checkpoint.dir", str(run), "--train.steps", "1",
+                                    "--log.eval_every", "1", "--data.num_workers", "0", "--checkpoint.export", "false",
+                                    "--log.knn_path", str(knn), "--log.knn_per_class", "4", "--log.knn_k", "3",
+                                    "--dist.strategy", strategy]))  # fmt: skip
+        top1[strategy] = read_metrics(run, "val")[0]["knn_top1"]
+    assert top1["fsdp"] == top1["none"]
