@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _quiet_single_process() -> None:
+    """DCP warns on every single-process save and load, even when no_dist is asked for explicitly (as it is here
+    for a one-process run and for the offline consolidation). A group expected but missing cannot happen on these
+    paths: no_dist is passed only when no group was started. (Set per call: test runners reset filters per test.)"""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 
 META_FILE = "meta.pt"
 MARKER = "COMPLETE"
@@ -101,6 +110,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 def read_model_state(folder: str | os.PathLike[str], template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full model state of a committed checkpoint, read in this process alone (no process group): `template`
     (a plain model's state_dict, e.g. of a PretrainModel built on the CPU) is filled in place and returned."""
+    _quiet_single_process()
     state = {"model": template}
     dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     return state["model"]
@@ -176,6 +186,7 @@ class CheckpointManager:
         """Start saving `step` (collective: every rank calls). Returns once this rank's shard is staged in host
         memory; the write and the commit finish in the background (`poll`, `wait`)."""
         self.wait()  # one save in flight at a time
+        _quiet_single_process()
         t0 = time.perf_counter()
         tmp = self._tmp(step)
         if self.is_main:
@@ -271,6 +282,7 @@ class CheckpointManager:
     ) -> None:
         """Load a checkpoint into a plain, DDP or FSDP2 model of this launch (collective; any world size: DCP
         reads each rank's part of every tensor from whichever shards hold it)."""
+        _quiet_single_process()
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(folder), no_dist=not (dist.is_available() and dist.is_initialized()))
