@@ -143,6 +143,7 @@ class LogSection:
 class DebugSection:
     sigkill_at_step: int = opt(0, "testing: SIGKILL this process in the middle of this step (0 = never)")
     sigkill_during_save_at_step: int = opt(0, "testing: SIGKILL while the checkpoint of this step is half written")
+    log_sample_keys: bool = opt(False, "testing: append each step's sample keys to <dir>/keys.rank<R>.jsonl")
 
 
 SECTIONS: dict[str, type] = {

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: import `training` from the rep
     sys.path.insert(0, _root)
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -145,6 +146,7 @@ class Trainer:
             train_source, augment_config=aug, position=position, seed=cfg.train.seed, num_tokens=self.num_tokens,
             max_retries=d.max_retries, max_pixels=d.max_image_pixels, jpeg_draft=d.jpeg_draft,
         )  # fmt: skip
+        self.train_data.log_keys = cfg.debug.log_sample_keys
         self.loader = make_train_loader(
             self.train_data, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
             pin_memory=env.device.type == "cuda",
@@ -296,6 +298,9 @@ class Trainer:
                     batch = next(batches)
                     interval["wait"] += time.perf_counter() - t0
                     skipped += self._note_failures(batch["failures"])
+                    if cfg.debug.log_sample_keys:
+                        with open(self.run_dir / f"keys.rank{env.rank}.jsonl", "a") as fh:
+                            fh.write(json.dumps({"step": p.step + 1, "keys": batch["keys"]}) + "\n")
                     images = batch["images"].to(env.device, non_blocking=True)
                     prefix = batch["prefix_lens"].to(env.device, non_blocking=True)
                     last_micro = micro == self.accum - 1

@@ -114,3 +114,31 @@ def test_two_ranks_two_workers_over_shards_resume_bit_identically_after_kill(tmp
     assert {r["step"] for r in logged} == set(range(1, 7)) and len(logged) > 6  # some steps were run twice
     for row in logged:
         assert row["loss"] == reference[row["step"]], f"step {row['step']}: {row['loss']} != {reference[row['step']]}"
+
+
+@pytest.mark.slow
+def test_four_ranks_save_resumes_at_two_with_every_sample_of_the_epoch_once(tmp_path: Path) -> None:
+    """End to end (torchrun, gloo): 4 ranks x micro-batch 2 train 2 steps and save; 2 ranks x 4 resume and finish
+    the 32-sample epoch (global batch 8 throughout). The logged keys of all ranks are the epoch, each once."""
+    import json
+
+    from .test_shards import write_shards
+
+    keys = write_shards(tmp_path / "shards", 4, 8)
+    run = tmp_path / "run"
+
+    def argv(steps: int, micro: int) -> list[str]:
+        return [*QUICK, "--data", str(tmp_path / "shards"), "--checkpoint.dir", str(run), "--train.steps",
+                str(steps), "--train.micro_batch_size", str(micro), "--train.global_batch_size", "8",
+                "--data.val_fraction", "0", "--data.num_workers", "1", "--log.eval_every", "0",
+                "--checkpoint.export", "false", "--debug.log_sample_keys", "true",
+                "--data.shuffle_window", "6"]  # fmt: skip
+
+    four = run_pretrain(argv(2, 2), torchrun=4, timeout=400)
+    assert four.returncode == 0, four.stderr[-3000:]
+    two = run_pretrain(argv(4, 4), torchrun=2, timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "resuming a 4-process run with 2 processes" in two.stderr
+    seen = [k for f in sorted(run.glob("keys.rank*.jsonl")) for line in f.read_text().splitlines()
+            for k in json.loads(line)["keys"]]  # fmt: skip
+    assert len(seen) == 32 and sorted(seen) == sorted(keys)
