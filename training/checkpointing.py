@@ -1,18 +1,18 @@
-"""Atomic, step-exact training checkpoints.
+"""Atomic, step-exact, sharded training checkpoints (torch.distributed.checkpoint, saved asynchronously).
 
 Layout under `<run dir>/checkpoints/`:
-    step_00001000/state.pt     model, optimizer, grad scaler, every rank's RNG states, the data position, config
-    step_00001000/COMPLETE     JSON marker written last: step, size of state.pt, validation loss
-    best.json                  the step with the lowest validation loss (when known)
+    step_00001000/__R_0.distcp  model and optimizer state: each rank writes its own shard (DCP)
+    step_00001000/.metadata     DCP's index of the shards (written by the coordinator once every rank is done)
+    step_00001000/meta.pt       grad scaler, every rank's RNG states, the data position, world size, config
+    step_00001000/COMPLETE      JSON marker written last: step, the size of every file, validation loss
+    best.json                   the step with the lowest validation loss (when known)
 
-Writing (rank 0): `.tmp-step_…/state.pt` is written and fsynced, the folder is renamed to `step_…`, then the
-marker is written atomically (temp file, fsync, rename). A checkpoint without its marker is never read, so a kill
-at any moment leaves the previous checkpoint as the latest one. Leftover temp folders are removed at start.
-
-Model and optimizer states are full (unsharded) and keyed by parameter name
-(`torch.distributed.checkpoint.state_dict` with `full_state_dict=True`), so one file resumes a plain, DDP or FSDP2
-run with any number of processes. Per-rank RNG states are restored when the world size is unchanged; the data
-stream itself does not depend on them (see data.py). Multi-node runs need the run directory on a shared file system.
+Saving: every rank stages its shard of `get_state_dict` (sharded DTensors under FSDP2; replicated tensors under
+DDP are written once, DCP deduplicates them) into `.tmp-step_…/` with `dcp.async_save`, then goes on training
+while a background thread writes. Rank 0 commits once the save's future is done (which means DCP's metadata,
+hence every rank's shard, is written): fsync, rename to `step_…`, then the marker (temp file, fsync, rename). A
+checkpoint without its marker is never read, so a kill at any moment leaves the previous checkpoint the latest
+one; leftovers are removed at start. Loading (`dcp.load` into this launch's sharding) works at any world size.
 """
 
 from __future__ import annotations
@@ -24,18 +24,23 @@ import random
 import re
 import shutil
 import signal
+import time
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
 
 import aimcore
@@ -47,12 +52,21 @@ __all__ = [
     "capture_rng",
     "export_trunk",
     "full_model_state",
+    "read_model_state",
     "restore_rng",
 ]
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+
+def _quiet_single_process() -> None:
+    """DCP warns on every single-process save and load, even when no_dist is asked for explicitly (as it is here
+    for a one-process run and for the offline consolidation). A group expected but missing cannot happen on these
+    paths: no_dist is passed only when no group was started. (Set per call: test runners reset filters per test.)"""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+META_FILE = "meta.pt"
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -89,7 +103,17 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Unsharded optimizer state (collective under FSDP): the one-file format before DCP, kept for comparison."""
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def read_model_state(folder: str | os.PathLike[str], template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full model state of a committed checkpoint, read in this process alone (no process group): `template`
+    (a plain model's state_dict, e.g. of a PretrainModel built on the CPU) is filled in place and returned."""
+    _quiet_single_process()
+    state = {"model": template}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return state["model"]
 
 
 def export_trunk(
@@ -108,10 +132,13 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.is_main = is_main
+        self._pending: tuple[Future[Any], int, float | None, float] | None = None  # (future, step, val, t0)
+        self._group: Any = None
+        self.last_save: dict[str, float] = {}  # seconds: blocked (staging), total (until committed)
 
     # ----- discovery -----
     def complete(self) -> list[tuple[int, Path]]:
-        """(step, folder) of every checkpoint with its marker, oldest first."""
+        """(step, folder) of every checkpoint with a valid marker, oldest first."""
         if not self.root.is_dir():
             return []
         found = []
@@ -124,9 +151,9 @@ class CheckpointManager:
     def _marker_ok(self, folder: Path) -> bool:
         try:
             marker = json.loads((folder / MARKER).read_text())
-            return (folder / STATE_FILE).stat().st_size == marker["bytes"]
-        except (OSError, ValueError, KeyError):
-            logger.warning("ignoring checkpoint %s: marker or state file damaged", folder)
+            return all((folder / name).stat().st_size == size for name, size in marker["files"].items())
+        except (OSError, ValueError, KeyError, AttributeError):
+            logger.warning("ignoring checkpoint %s: marker or state files damaged", folder)
             return False
 
     def latest(self) -> Path | None:
@@ -143,30 +170,74 @@ class CheckpointManager:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ----- writing -----
-    def save(self, state: dict[str, Any], step: int, *, val_loss: float | None, kill_mid_save: bool = False) -> Path:
-        """Write `state` for `step` atomically (rank 0 only; other ranks return at once)."""
+    def _tmp(self, step: int) -> Path:
+        return self.root / f".tmp-step_{step:08d}"
+
+    def save_async(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        meta: dict[str, Any],
+        step: int,
+        *,
+        val_loss: float | None,
+        kill_mid_save: bool = False,
+    ) -> None:
+        """Start saving `step` (collective: every rank calls). Returns once this rank's shard is staged in host
+        memory; the write and the commit finish in the background (`poll`, `wait`)."""
+        self.wait()  # one save in flight at a time
+        _quiet_single_process()
+        t0 = time.perf_counter()
+        tmp = self._tmp(step)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(meta, tmp / META_FILE)
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            if self._group is None:  # the background writer's collectives must not share the training group
+                self._group = dist.new_group(backend="gloo")
+            dist.barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        future = dcp.async_save(
+            {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp), process_group=self._group,
+            no_dist=not distributed,
+        )  # fmt: skip
+        self.last_save = {"blocked_s": time.perf_counter() - t0}
+        if kill_mid_save:  # fault injection for the resume tests: shards written, checkpoint not committed
+            future.result()
+            logger.warning("debug: SIGKILL during the save of step %d", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._pending = (future, step, val_loss, t0)
+
+    def poll(self) -> None:
+        """Commit the save in flight if its write has finished (cheap; call every step)."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> Path | None:
+        """Finish and commit the save in flight, if any; returns its folder."""
+        if self._pending is None:
+            return None
+        future, step, val_loss, t0 = self._pending
+        self._pending = None
+        future.result()  # raises what the writer raised
+        self.last_save["total_s"] = time.perf_counter() - t0
         final = self.root / f"step_{step:08d}"
         if not self.is_main:
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        path = tmp / STATE_FILE
-        torch.save(state, path)
-        if kill_mid_save:  # fault injection for the resume tests: die with the state written but not committed
-            logger.warning("debug: SIGKILL during the save of step %d", step)
-            os.kill(os.getpid(), signal.SIGKILL)
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        tmp = self._tmp(step)
+        for path in tmp.iterdir():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
         fsync_dir(tmp)
         if final.exists():  # a re-run of this step after a resume: the new state replaces the old
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        marker = {"step": step, "bytes": (final / STATE_FILE).stat().st_size, "val_loss": val_loss}
-        atomic_write_text(final / MARKER, json.dumps(marker))
-        logger.info("saved checkpoint %s", final)
+        files = {p.name: p.stat().st_size for p in sorted(final.iterdir())}
+        atomic_write_text(final / MARKER, json.dumps({"step": step, "files": files, "val_loss": val_loss}))
+        logger.info("saved checkpoint %s (%.2f s in the background)", final, self.last_save["total_s"])
         self._update_best(step, val_loss)
         self._prune()
         return final
@@ -198,18 +269,21 @@ class CheckpointManager:
 
     # ----- reading -----
     @staticmethod
-    def load(folder: str | os.PathLike[str]) -> dict[str, Any]:
-        """Read a checkpoint folder (or its state.pt). Tensors and plain containers only (weights_only)."""
+    def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+        """The small part of a checkpoint: progress, config, world size, scaler and RNG states."""
         path = Path(folder)
-        if path.is_dir():
-            if not (path / MARKER).is_file():
-                raise FileNotFoundError(f"{path} has no {MARKER} marker: an interrupted save, not a checkpoint")
-            path = path / STATE_FILE
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # pages shared by the ranks
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"{path} has no {MARKER} marker: an interrupted save, not a checkpoint")
+        return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
 
     @staticmethod
-    def restore_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Load full states into a plain, DDP or FSDP2 model (every rank passes the full dicts)."""
-        options = StateDictOptions(full_state_dict=True, strict=True)
-        set_model_state_dict(model, state["model"], options=options)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    def restore_model_and_optimizer(
+        model: nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike[str]
+    ) -> None:
+        """Load a checkpoint into a plain, DDP or FSDP2 model of this launch (collective; any world size: DCP
+        reads each rank's part of every tensor from whichever shards hold it)."""
+        _quiet_single_process()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not (dist.is_available() and dist.is_initialized()))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

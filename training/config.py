@@ -50,8 +50,18 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = opt("", "training images: a folder (recursive), a list file (.txt) or WebDataset .tar shards")
+    path: str = opt(
+        "",
+        "training images: a folder (recursive), a list file (.txt), WebDataset .tar shards (brace pattern, "
+        "'::' list, folder of .tar) or a wids descriptor .json (url + nsamples per shard; local or remote shards)",
+    )
     format: str = opt("auto", "how to read data.path: auto | folder | list | wds")
+    shuffle_window: int = opt(10_000, "WebDataset: samples shuffled together after the per-epoch shard permutation")
+    open_shards: int = opt(8, "WebDataset: shards kept open (mmap) per loader process")
+    cache_dir: str = opt("", "WebDataset: local folder for remote shards (pipe:, http(s), s3, gs) fetched by wids")
+    max_bad_fraction: float = opt(
+        0.05, "stop the run when unreadable samples exceed this fraction of the samples seen (after 20 bad ones)"
+    )
     val_path: str = opt("", "separate validation images (same forms as data.path); empty = hold out val_fraction")
     val_fraction: float = opt(0.01, "fraction of data.path held out for validation (stable hash of the name)")
     val_max_samples: int = opt(512, "at most this many validation images per evaluation")
@@ -121,12 +131,19 @@ class LogSection:
     jsonl: bool = opt(True, "append metrics to <dir>/metrics.jsonl")
     tensorboard: bool = opt(True, "write TensorBoard scalars to <dir>/tensorboard")
     peak_tflops: float = opt(0.0, "per-device peak for MFU (0 = known GPU table, else a measured matmul peak)")
+    knn_path: str = opt(
+        "", "labelled images for a live k-NN top-1 next to the val loss (class folders, train/+val/ or a list)"
+    )
+    knn_every: int = opt(0, "k-NN top-1 every this many steps (0 = at every validation)")
+    knn_k: int = opt(20, "neighbours in the live k-NN vote")
+    knn_per_class: int = opt(50, "bank images per class for the live k-NN (held-out: half as many)")
 
 
 @dataclass
 class DebugSection:
     sigkill_at_step: int = opt(0, "testing: SIGKILL this process in the middle of this step (0 = never)")
     sigkill_during_save_at_step: int = opt(0, "testing: SIGKILL while the checkpoint of this step is half written")
+    log_sample_keys: bool = opt(False, "testing: append each step's sample keys to <dir>/keys.rank<R>.jsonl")
 
 
 SECTIONS: dict[str, type] = {
@@ -195,6 +212,8 @@ class TrainConfig:
             p.append(f"data.color_jitter={d.color_jitter}: strengths must be >= 0 and hue in [0, 0.5]")
         if not 0 <= d.val_fraction < 1:
             p.append(f"data.val_fraction={d.val_fraction} must be in [0, 1); use 0 with data.val_path or no val")
+        if d.shuffle_window < 1 or d.open_shards < 1 or not 0 <= d.max_bad_fraction <= 1:
+            p.append("data.shuffle_window >= 1, data.open_shards >= 1 and 0 <= data.max_bad_fraction <= 1 are required")
         if d.num_workers < 0 or d.prefetch_factor < 1 or d.max_retries < 0:
             p.append("data.num_workers >= 0, data.prefetch_factor >= 1 and data.max_retries >= 0 are required")
         if o.lr <= 0 or o.warmup_init_lr < 0 or o.end_lr < 0 or o.end_lr > o.lr:
@@ -222,6 +241,8 @@ class TrainConfig:
             p.append(f"checkpoint.every ({ck.every}) and checkpoint.keep_last ({ck.keep_last}) must be >= 1")
         if not ck.dir:
             p.append("checkpoint.dir is empty; give a run directory, e.g. --checkpoint.dir runs/my-run")
+        if self.log.knn_every < 0 or self.log.knn_k < 1 or self.log.knn_per_class < 1:
+            p.append("log.knn_every >= 0, log.knn_k >= 1 and log.knn_per_class >= 1 are required")
         if self.log.every < 1 or self.log.eval_every < 0 or self.log.peak_tflops < 0:
             p.append("log.every >= 1, log.eval_every >= 0 and log.peak_tflops >= 0 are required")
         return p
@@ -285,6 +306,27 @@ class TrainConfig:
         return cls(**sections)
 
 
+# What makes a run the same run: the data it reads, the model it builds and the objective it optimises. A
+# checkpoint of a run that differs in any of these is refused on resume (the kernel choice, batch split, steps,
+# logging and so on may change).
+RUN_IDENTITY = {
+    "data": ("path", "format", "val_path", "val_fraction"),
+    "model": tuple(f.name for f in dataclasses.fields(ModelSection) if f.name != "attention"),
+    "train": ("seed",),
+}
+
+
+def run_identity_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
+    """`section.option: saved -> current` for every identity option that differs."""
+    out = []
+    for section, names in RUN_IDENTITY.items():
+        for name in names:
+            old, new = getattr(getattr(saved, section), name), getattr(getattr(current, section), name)
+            if old != new:
+                out.append(f"{section}.{name}: {old!r} -> {new!r}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parsing values
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,6 +373,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default="", help="YAML file with any subset of the options below")
     parser.add_argument("--data", default=None, help="shorthand for --data.path")
+    parser.add_argument(
+        "--dry-run", type=int, default=0, metavar="WORLD_SIZE",
+        help="build the model on the meta device and print the per-rank memory plan for WORLD_SIZE ranks "
+        "(parameters, gradients, optimizer, activations at train.micro_batch_size and dist.activation_checkpointing)",
+    )  # fmt: skip
     for section, section_cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(section_cls)

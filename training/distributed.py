@@ -13,6 +13,7 @@ import datetime
 import functools
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,10 @@ def apply_fsdp(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 warns at every start that the root returned a view (Linear on (B, N, D) reshapes its 2-D matmul). The
+    # warning is about in-place ops on that output; the loss reads the predictions out of place only (loss.py),
+    # so the warning is silenced for this exact message instead of paying a copy of the predictions per step.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)

@@ -18,13 +18,14 @@ if __package__ in (None, ""):  # run as a script: import `training` from the rep
     sys.path.insert(0, _root)
 
 import contextlib
+import json
 import logging
 import math
 import os
 import signal
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -39,17 +40,15 @@ from training.checkpointing import (
     capture_rng,
     export_trunk,
     full_model_state,
-    full_optimizer_state,
     restore_rng,
 )
-from training.config import ConfigError, TrainConfig, load_config
-from training.data import StreamPosition, TrainBatches, ValBatches, make_train_loader
+from training.config import ConfigError, TrainConfig, load_config, run_identity_differences
+from training.data import StreamPosition, TrainBatches, ValBatches, make_train_loader, open_data
 from training.decoder import PretrainModel, build_pretrain_model
 from training.logging_utils import MetricsSink, device_peak_flops, setup_logging
 from training.loss import pixel_loss, pixel_loss_terms
 from training.masking import build_attention_mask
 from training.optim import build_optimizer, lr_at, set_lr
-from training.sources import list_samples, split_validation
 
 logger = logging.getLogger("training.pretrain")
 
@@ -65,10 +64,19 @@ class Progress:
     skipped_images: int = 0
     last_val_loss: float | None = None
     last_val_step: int = -1
+    last_loss: float | None = None
+    knn_history: list[list[float]] = field(default_factory=list)  # [step, val_loss, knn_top1] per k-NN evaluation
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TooMuchBadDataError(RuntimeError):
+    """More unreadable samples than data.max_bad_fraction allows."""
+
+
+BAD_DATA_GRACE = 20  # bad samples tolerated whatever the fraction, so a small run is not stopped by a handful
 
 
 class Trainer:
@@ -123,37 +131,43 @@ class Trainer:
         # ----- data -----
         if not cfg.data.path:
             raise ConfigError("data.path is empty: pass --data <folder | list.txt | shards.tar>")
+        d = cfg.data
         try:
-            samples = list_samples(cfg.data.path, cfg.data.format)
-            if cfg.data.val_path:
-                train_samples, val_samples = samples, list_samples(cfg.data.val_path, cfg.data.format)
-            else:
-                train_samples, val_samples = split_validation(samples, cfg.data.val_fraction)
+            train_source, val_source = open_data(
+                d.path, d.val_path, fmt=d.format, val_fraction=d.val_fraction, seed=cfg.train.seed,
+                shuffle_window=d.shuffle_window, open_shards=d.open_shards, cache_dir=d.cache_dir,
+            )  # fmt: skip
         except (OSError, ValueError, tarfile.TarError) as exc:
             raise ConfigError(f"cannot read the data: {exc}") from exc
-        d = cfg.data
         aug = AugmentConfig(self.aim_cfg.img_size, d.crop_scale, d.crop_ratio, d.hflip_p, d.color_jitter,
                             d.color_jitter_p)  # fmt: skip
         position = StreamPosition(self.progress.samples_seen, env.world_size, env.rank, cfg.train.micro_batch_size)
         self.train_data = TrainBatches(
-            train_samples, augment_config=aug, position=position, seed=cfg.train.seed, num_tokens=self.num_tokens,
+            train_source, augment_config=aug, position=position, seed=cfg.train.seed, num_tokens=self.num_tokens,
             max_retries=d.max_retries, max_pixels=d.max_image_pixels, jpeg_draft=d.jpeg_draft,
         )  # fmt: skip
+        self.train_data.log_keys = cfg.debug.log_sample_keys
         self.loader = make_train_loader(
             self.train_data, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
             pin_memory=env.device.type == "cuda",
         )  # fmt: skip
         self._bad_images: set[str] = set()
         self.val_data = None
-        if val_samples:
+        if val_source is not None:
             self.val_data = ValBatches(
-                val_samples, img_size=self.aim_cfg.img_size, seed=cfg.train.seed, num_tokens=self.num_tokens,
+                val_source, img_size=self.aim_cfg.img_size, seed=cfg.train.seed, num_tokens=self.num_tokens,
                 max_pixels=d.max_image_pixels, max_samples=d.val_max_samples,
             )  # fmt: skip
+        self.knn = None
+        if cfg.log.knn_path:
+            from training.live_knn import LiveKnn
+
+            self.knn = LiveKnn(cfg.log.knn_path, img_size=self.aim_cfg.img_size, per_class=cfg.log.knn_per_class,
+                               k=cfg.log.knn_k, batch_size=cfg.train.micro_batch_size)  # fmt: skip
         logger.info(
             "%s: %d train / %d val images; %s params (trunk %s, head %s); global batch %d = %d ranks x %d x %d "
             "accumulation; attention %s; %s; strategy %s",
-            self.aim_cfg.name, len(train_samples), len(self.val_data or []),
+            self.aim_cfg.name, len(train_source), len(self.val_data or []),
             f"{sum(p.numel() for p in self.model.parameters()):,}", f"{self.model.aim.num_params():,}",
             f"{sum(p.numel() for p in self.model.decoder.parameters()):,}", self.global_batch, env.world_size,
             cfg.train.micro_batch_size, self.accum, self.kernel, cfg.train.precision, env.strategy,
@@ -174,39 +188,39 @@ class Trainer:
         folder = None if choice == "never" else self.ckpt.latest() if choice == "auto" else Path(choice)
         if folder is None:
             return
-        state = CheckpointManager.load(folder)
-        saved_model = TrainConfig.from_dict(state["config"]).aim_config()
-        if saved_model != self.aim_cfg:
+        meta = CheckpointManager.load_meta(folder)
+        saved = TrainConfig.from_dict(meta["config"])
+        differences = run_identity_differences(saved, self.cfg)
+        if differences:
             raise ConfigError(
-                f"{folder} holds a {saved_model.name} run with a different architecture from model.flavor="
-                f"{self.cfg.model.flavor}; use a new --checkpoint.dir or --checkpoint.resume never"
+                f"{folder} belongs to another run ({'; '.join(differences)}). Refusing to resume it: start fresh "
+                "with a new --checkpoint.dir (or --checkpoint.resume never to train from scratch in this one)"
             )
-        CheckpointManager.restore_model_and_optimizer(self.wrapped, self.optimizer, state)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(**state["progress"])
-        if state["world_size"] == self.env.world_size:
-            restore_rng(state["rng"][self.env.rank])
+        CheckpointManager.restore_model_and_optimizer(self.wrapped, self.optimizer, folder)
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.progress = Progress(**meta["progress"])
+        if meta["world_size"] == self.env.world_size:
+            restore_rng(meta["rng"][self.env.rank])
         else:
             logger.warning(
                 "resuming a %d-process run with %d processes: data position kept (sample %d), per-rank RNG states "
                 "not restored (no training randomness depends on them)",
-                state["world_size"], self.env.world_size, self.progress.samples_seen,
+                meta["world_size"], self.env.world_size, self.progress.samples_seen,
             )  # fmt: skip
-        if state["config"]["train"]["steps"] != self.cfg.train.steps:
+        if saved.train.steps != self.cfg.train.steps:
             logger.warning("train.steps changed from %s to %d: the schedule changes from here",
-                           state["config"]["train"]["steps"], self.cfg.train.steps)  # fmt: skip
+                           saved.train.steps, self.cfg.train.steps)  # fmt: skip
         logger.info("resumed from %s at step %d (sample %d)", folder, self.progress.step, self.progress.samples_seen)
 
     def _save(self) -> None:
+        """Start an asynchronous sharded save of this step (every rank; training goes on while it is written)."""
         step = self.progress.step
         if self.val_data is not None and self.progress.last_val_step != step:
             self.evaluate()
-        state = {
-            "format": "aim-pretrain-state",
-            "version": 1,
-            "model": full_model_state(self.wrapped),
-            "optimizer": full_optimizer_state(self.wrapped, self.optimizer),
+        meta = {
+            "format": "aim-pretrain-dcp",
+            "version": 2,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": D.gather_objects(capture_rng()),
             "world_size": self.env.world_size,
@@ -215,8 +229,8 @@ class Trainer:
         }
         val = self.progress.last_val_loss if self.progress.last_val_step == step else None
         kill = self.cfg.debug.sigkill_during_save_at_step == step
-        self.ckpt.save(state, step, val_loss=val, kill_mid_save=kill)
-        D.barrier()
+        self.ckpt.save_async(self.wrapped, self.optimizer, meta, step, val_loss=val, kill_mid_save=kill)
+        logger.debug("checkpoint %d staged in %.3f s", step, self.ckpt.last_save["blocked_s"])
 
     # ------------------------------------------------------------------------------------------------------------
     def _forward_loss(self, images: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
@@ -249,8 +263,15 @@ class Trainer:
         loss = (totals[0] / totals[1]).item() if totals[1] > 0 else None
         self.progress.last_val_loss, self.progress.last_val_step = loss, self.progress.step
         if loss is not None:
-            self.sink.write("val", self.progress.step, {"val_loss": loss, "val_images": len(self.val_data)})
-            logger.info("step %d: val loss %.5f", self.progress.step, loss)
+            metrics: dict[str, Any] = {"val_loss": loss, "val_images": len(self.val_data)}
+            every = self.cfg.log.knn_every
+            if self.knn is not None and (not every or self.progress.step % every == 0):
+                top1 = self.knn.top1(self.wrapped, self.model.aim, self.env.device, self.autocast_dtype)
+                metrics["knn_top1"] = top1
+                self.progress.knn_history.append([self.progress.step, loss, top1])
+            self.sink.write("val", self.progress.step, metrics)
+            logger.info("step %d: val loss %.5f%s", self.progress.step, loss,
+                        f", k-NN top-1 {metrics['knn_top1']:.4f}" if "knn_top1" in metrics else "")  # fmt: skip
         return loss
 
     # ------------------------------------------------------------------------------------------------------------
@@ -259,6 +280,9 @@ class Trainer:
         total = cfg.train.steps
         batches = iter(self.loader)
         interval: dict[str, float] = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
+        if p.step >= total:  # a resume of a finished run: nothing to train, no progress bar, the saved last loss
+            logger.info("the run in %s is already complete at step %d of %d", self.run_dir, p.step, total)
+            return self._finish(p.last_loss, already_done=True)
         bar = tqdm(total=total, initial=p.step, disable=not (env.is_main and cfg.log.progress_bar), dynamic_ncols=True)
         is_ddp = isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel)
         last_loss = math.nan
@@ -274,6 +298,9 @@ class Trainer:
                     batch = next(batches)
                     interval["wait"] += time.perf_counter() - t0
                     skipped += self._note_failures(batch["failures"])
+                    if cfg.debug.log_sample_keys:
+                        with open(self.run_dir / f"keys.rank{env.rank}.jsonl", "a") as fh:
+                            fh.write(json.dumps({"step": p.step + 1, "keys": batch["keys"]}) + "\n")
                     images = batch["images"].to(env.device, non_blocking=True)
                     prefix = batch["prefix_lens"].to(env.device, non_blocking=True)
                     last_micro = micro == self.accum - 1
@@ -290,7 +317,9 @@ class Trainer:
                 loss_value, grad_norm = self._optimizer_step(step_loss, skipped)
                 p.step += 1
                 p.samples_seen += self.global_batch
-                last_loss = loss_value
+                self._check_bad_fraction()
+                last_loss = p.last_loss = loss_value
+                self.ckpt.poll()
                 interval["loss"] += loss_value
                 interval["steps"] += 1
                 bar.update(1)
@@ -333,6 +362,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm
 
+    def _check_bad_fraction(self) -> None:
+        p, limit = self.progress, self.cfg.data.max_bad_fraction
+        if p.skipped_images > max(BAD_DATA_GRACE, limit * p.samples_seen):
+            raise TooMuchBadDataError(
+                f"{p.skipped_images} of {p.samples_seen} samples were unreadable, more than data.max_bad_fraction="
+                f"{limit}; check the shards named in the warnings above or raise --data.max_bad_fraction"
+            )
+
     def _note_failures(self, failures: list[tuple[str, str]]) -> int:
         """Log each unreadable image once (at warning level); every occurrence is counted."""
         for key, error in failures:
@@ -360,18 +397,33 @@ class Trainer:
         self.sink.write("train", self.progress.step, metrics)
         interval.update(loss=0.0, steps=0, wait=0.0, start=time.perf_counter())
 
-    def _finish(self, last_loss: float) -> dict[str, Any]:
+    def _finish(self, last_loss: float | None, *, already_done: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = {
             "step": self.progress.step, "samples_seen": self.progress.samples_seen, "loss": last_loss,
             "val_loss": self.progress.last_val_loss, "run_dir": str(self.run_dir), "trunk": None,
         }  # fmt: skip
-        if self.cfg.checkpoint.export:
+        self.ckpt.wait()
+        D.barrier()
+        history = {int(step): (val, top1) for step, val, top1 in self.progress.knn_history}  # re-runs overwrite
+        if len(history) >= 3:
+            from training.probe_lib.metrics import spearman
+
+            stats = spearman([v for v, _ in history.values()], [t for _, t in history.values()])
+            result["spearman_val_loss_knn_top1"] = stats["rho"]
+            self.sink.write("summary", self.progress.step, {"spearman_val_loss_knn_top1": stats["rho"],
+                                                            "spearman_n": stats["n"]})  # fmt: skip
+            logger.info("Spearman(val loss, k-NN top-1) over %d evaluations: rho = %.3f (the paper's finding 2: "
+                        "lower loss, better features, so rho < 0)", stats["n"], stats["rho"])  # fmt: skip
+        trunk_file = self.run_dir / "trunk.safetensors"
+        if already_done and trunk_file.is_file():
+            result["trunk"] = str(trunk_file)
+        elif self.cfg.checkpoint.export:
             state = full_model_state(self.wrapped)  # collective under FSDP
             if self.env.is_main:
                 provenance = {"trained_by": "training/pretrain.py", "step": self.progress.step,
                               "samples_seen": self.progress.samples_seen, "val_loss": self.progress.last_val_loss,
                               "config": self.cfg.to_dict()}  # fmt: skip
-                path = export_trunk(state, self.aim_cfg, self.run_dir / "trunk.safetensors", provenance)
+                path = export_trunk(state, self.aim_cfg, trunk_file, provenance)
                 result["trunk"] = str(path)
                 logger.info("exported the trunk to %s", path)
             D.barrier()
@@ -389,14 +441,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         D.shutdown()
 
 
+def _pop_dry_run(argv: list[str]) -> int:
+    """`--dry-run WORLD_SIZE` (not a config option): print the per-rank memory plan and exit."""
+    if "--dry-run" not in argv:
+        return 0
+    i = argv.index("--dry-run")
+    try:
+        world = int(argv[i + 1])
+    except (IndexError, ValueError):
+        raise ConfigError("--dry-run needs the world size to plan for, e.g. --dry-run 64") from None
+    del argv[i : i + 2]
+    return world
+
+
 def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        dry_run = _pop_dry_run(argv)
         cfg = load_config(argv)
     except (ConfigError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
+    if dry_run:
+        from training.memory_plan import format_plan, plan_memory
+
+        logger.info("dry run: %s", format_plan(plan_memory(cfg, dry_run)))
+        return 0
     try:
         result = train(cfg)
     except (ConfigError, FileNotFoundError) as exc:  # bad options or data paths: a message, not a traceback
@@ -405,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         return 3
+    except TooMuchBadDataError as exc:
+        logger.error("%s", exc)
+        return 4
     if rank == 0:
         logger.info("done: %s", {k: v for k, v in result.items() if k != "run_dir"})
     return 0

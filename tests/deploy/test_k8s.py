@@ -22,7 +22,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with kub
 # Oldest Kubernetes we claim (autoscaling/v2 and policy/v1 are GA there) and the newest schemas the package has.
 K8S_VERSIONS = ("1.27", kubernetes_validate.utils.latest_version())
 SERVICEMONITOR_SCHEMA = Path(__file__).with_name("servicemonitor.schema.json")
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PyTorchJob"}  # PyTorchJob: tests/deploy/test_k8s_training.py
 
 
 def manifests() -> list[tuple[str, dict[str, Any]]]:

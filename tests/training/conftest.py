@@ -73,6 +73,22 @@ def run_pretrain(args: list[str], *, torchrun: int = 0, timeout: float = 120) ->
     )
 
 
+def checkpoint_model_state(folder: Path) -> dict:
+    """The full model state of a sharded checkpoint, read in this process (as export_trunks reads it)."""
+    import torch
+
+    from training.checkpointing import CheckpointManager, read_model_state
+    from training.config import TrainConfig
+    from training.decoder import PretrainModel
+
+    cfg = TrainConfig.from_dict(CheckpointManager.load_meta(folder)["config"])
+    with torch.device("meta"):
+        model = PretrainModel(cfg.aim_config(), decoder_style=cfg.model.decoder_block,
+                              decoder_eps=cfg.model.decoder_norm_eps)  # fmt: skip
+    model.to_empty(device="cpu")
+    return read_model_state(folder, model.state_dict())
+
+
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]

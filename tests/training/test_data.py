@@ -13,6 +13,7 @@ from PIL import Image
 from tests.conftest import encode, make_photo
 from training.augment import AugmentConfig, augment, color_jitter, random_resized_crop_box
 from training.data import StreamPosition, TrainBatches, ValBatches, decode_image, make_train_loader
+from training.shards import ShardManifest, ShardSource
 from training.sources import list_samples, read_bytes, split_validation
 
 AUG = AugmentConfig(img_size=32)
@@ -38,12 +39,13 @@ def test_folder_list_and_tar_shards_give_the_same_images(image_folder: Path, tmp
             for i, s in enumerate(folder[k::2]):
                 tar.add(s.path, arcname=f"sample{k}_{i:03d}{Path(s.path).suffix}")
                 tar.add(list_file, arcname=f"sample{k}_{i:03d}.json")
-    wds = list_samples(str(shards / "shard-{000..001}.tar"))
-    assert list_samples(str(shards)) == wds
+    manifest = ShardManifest.load(str(shards / "shard-{000..001}.tar"))
+    assert ShardManifest.load(str(shards)).urls == manifest.urls and list(manifest.counts) == [14, 14]
+    wds = ShardSource(manifest)
     assert len(listed) == len(wds) == len(folder)
     by_bytes = sorted(read_bytes(s) for s in folder)
     assert sorted(read_bytes(s) for s in listed) == by_bytes
-    assert sorted(read_bytes(s) for s in wds) == by_bytes
+    assert sorted(wds.read(i) for i in range(len(wds))) == by_bytes
 
 
 def test_validation_split_is_stable_and_never_empty(image_folder: Path) -> None:

@@ -13,7 +13,7 @@ from training import pretrain
 from training.checkpointing import CheckpointManager
 from training.config import load_config
 
-from .conftest import QUICK, read_metrics, write_images
+from .conftest import QUICK, checkpoint_model_state, read_metrics, write_images
 
 
 def test_loss_falls_within_a_few_hundred_steps_and_the_trunk_is_exported(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_loss_falls_within_a_few_hundred_steps_and_the_trunk_is_exported(tmp_pat
     # The exported trunk is a self-describing aimcore checkpoint equal to the trained weights.
     model = aimcore.load_model(result["trunk"])
     assert model.config.name == "aim-debug" and model.head is None
-    state = CheckpointManager.load(kept[-1][1])["model"]
+    state = checkpoint_model_state(kept[-1][1])
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[f"aim.{key}"])
 
