@@ -75,11 +75,24 @@ def test_fixed_v2_folder_serves_embed_with_its_preprocessing_in_the_recipe(tmp_p
     torch.manual_seed(0)
     folder = apple_folder(tmp_path / "v2", build_model(get_flavor("aimv2-debug")).eval(), CLIP_PREPROCESSOR)
     offline = aimcore.load_model(folder)
-    live.append(serve(Settings(model=str(folder), max_batch_size=8, max_wait_ms=2)))
+    index = tmp_path / "index"
+    live.append(serve(Settings(model=str(folder), max_batch_size=8, max_wait_ms=2, index_path=str(index))))
     blobs = [encode(make_photo(90 + 7 * i, 60 + 11 * i, seed=i), "PNG") for i in range(5)]
+    ids = [f"img{i}" for i in range(5)]
     with live[0].client() as client:
         body = client.post("/embed", json={"images": [b64(b) for b in blobs]}).json()
         info = client.get("/info").json()
+        added = client.post(
+            "/index/items",
+            files=[("files", (f"{i}.png", b)) for i, b in zip(ids, blobs, strict=True)],
+            data={"ids": json.dumps(ids)},
+        )
+        assert added.status_code == 200, added.text
+        found = client.post("/search", json={"images": [b64(blobs[3])], "k": 2}).json()["results"][0]
+        index_recipe = client.get("/index").json()["recipe"]
+    assert found["ids"][0] == "img3"
+    assert index_recipe["fingerprint"] == body["recipe"]["fingerprint"]
+    assert index_recipe["preprocess"]["origin"] == "preprocessor_config.json"
     got = np.asarray(body["embeddings"], dtype=np.float32)
     np.testing.assert_allclose(got, offline_embed(offline, blobs), rtol=0, atol=1e-5)
     assert body["recipe"]["pooling"] == "mean"  # the v2 default, as for v1
