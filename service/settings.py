@@ -178,6 +178,14 @@ class Settings(BaseSettings):
     )
     autoselect_seconds: float = Field(2.0, gt=0, le=120, description="time budget for measuring all candidates")
 
+    # ----- AIMv2 native resolution (issue 11; service/native.py) -----
+    max_patches: int = Field(
+        0, ge=0, le=4096, description="native-resolution models: patch cap per image (0: the checkpoint's own)"
+    )
+    native_buckets: bool = Field(
+        True, description="native-resolution models: snap images to a few aspect-ratio grids so they batch"
+    )
+
     @field_validator("allowed_formats", mode="before")
     @classmethod
     def _split_formats(cls, value: Any) -> Any:
