@@ -41,6 +41,11 @@ def _describe(model: AimModel, *, weights: bool) -> dict[str, Any]:
             "forward_to_probe_layers": round((early.patch_embed + early.trunk + early.head) / 1e9, 3),
             "pretrain_step_fwd_bwd": round(flops.pretrain_step / 1e9, 3),
         },
+        # Weights only; activations add ~(batch x tokens x width) per live block on top (README's size table).
+        "memory_gib": {
+            "weights_fp32": round((params.backbone + params.head) * 4 / 2**30, 3),
+            "weights_bf16": round((params.backbone + params.head) * 2 / 2**30, 3),
+        },
         "state_dict_keys": expected_keys,
         "weights": "loaded" if weights else "none (architecture only, meta device)",
     }
@@ -49,6 +54,7 @@ def _describe(model: AimModel, *, weights: bool) -> dict[str, Any]:
         info["files"] = files
         info["key_check"] = check_state_dict(model, model.state_dict()) or "ok: strict load passed"
         info["preprocess"] = getattr(model, "preprocess_config", PreprocessConfig.for_size(cfg.img_size)).to_dict()
+        info["layout"] = getattr(model, "layout", None)
         info["labels"] = len(model.labels) if getattr(model, "labels", None) else None
     return info
 

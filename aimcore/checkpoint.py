@@ -1,16 +1,19 @@
-"""Reading, checking and writing checkpoints. All key surgery lives here.
+"""Reading, checking and writing checkpoints. Key surgery lives here and in aimcore.layouts (the layout adapters:
+Apple / transformers / timm keys -> ours).
 
 Formats read:
 - ml-aim's released `.pth` pickles (backbone, head, or merged), through `torch.load(weights_only=True)` only;
 - our self-describing safetensors (weights + config, preprocessing, provenance and labels in the metadata);
 - plain safetensors in the reference key layout (e.g. a Hugging Face `PyTorchModelHubMixin` push with a
   `config.json` beside it).
+Any of those in transformers' `Aimv2VisionModel` or timm's AIMv2 key names is renamed to ours first (layouts.py).
 Loading is strict: every missing, unexpected or mis-shaped key is named. A checkpoint without any `head.*` key
 loads as a bare trunk (no head), and the log says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,8 +28,9 @@ from torch import Tensor
 
 from aimcore.config import FLAVORS, AimConfig
 from aimcore.fsio import atomic_path
+from aimcore.layouts import LayoutError, convert_to_ours
 from aimcore.model import AimModel, build_model
-from aimcore.preprocess import PreprocessConfig
+from aimcore.preprocess import PreprocessConfig, default_preprocess_config, from_hf_preprocessor
 
 __all__ = [
     "FORMAT_NAME",
@@ -187,6 +191,9 @@ def infer_config(state: Mapping[str, Tensor], *, base: AimConfig | None = None) 
             probe_layers=best,
             best_probe_layers=best,
         )
+    # AIMv2: SwiGLU's fc3, and a weight-only RMSNorm in the patch embedding (v1's LayerNorm has a bias).
+    if "trunk.blocks.0.mlp.fc3.weight" in state or "preprocessor.patchifier.norm.bias" not in state:
+        return _infer_v2(state, dim, depth, patch, channels, base)
     head_w = state.get("head.linear.weight")
     return template.replace(
         embed_dim=dim,
@@ -195,6 +202,57 @@ def infer_config(state: Mapping[str, Tensor], *, base: AimConfig | None = None) 
         num_channels=channels,
         num_classes=int(head_w.shape[0]) if head_w is not None else 0,
         head_linear_bias="head.linear.bias" in state,
+    )
+
+
+def _infer_v2(
+    state: Mapping[str, Tensor], dim: int, depth: int, patch: int, channels: int, base: AimConfig | None
+) -> AimConfig:
+    """AIMv2 from the shapes: SwiGLU width from fc1, grid from the learned table (none: native)."""
+    fc1 = state.get("trunk.blocks.0.mlp.fc1.weight")
+    hidden = int(fc1.shape[0]) if fc1 is not None else 0
+    pos = state.get("preprocessor.pos_embed")
+    native = pos is None
+    img = base.img_size if base is not None else 224
+    if pos is not None:
+        side = round(int(pos.shape[1]) ** 0.5)
+        if side * side != int(pos.shape[1]):
+            raise CheckpointError(f"preprocessor.pos_embed has {pos.shape[1]} positions, not a square grid")
+        img = side * patch
+    shape = dict(embed_dim=dim, depth=depth, patch_size=patch, mlp_hidden_dim=hidden, native=native)
+    template = base if base is not None and base.is_v2 else None
+    if template is None or any(getattr(template, k) != v for k, v in shape.items()):
+        template = next(
+            (
+                f
+                for f in FLAVORS.values()
+                if f.is_v2 and f.img_size == img and all(getattr(f, k) == v for k, v in shape.items())
+            ),
+            None,
+        )
+    if template is None:
+        last = (max(depth - 1, 0),)
+        template = AimConfig(
+            name="custom-aimv2",
+            family="aimv2",
+            embed_dim=dim,
+            depth=depth,
+            num_heads=max(dim // 128, 1),  # head dim 128 in every released AIMv2 (AIMV2_FACTS §1)
+            patch_size=patch,
+            img_size=img,
+            probe_layers=last,
+            best_probe_layers=last,
+            num_classes=0,
+            head_linear_bias=True,
+            norm_eps=1e-5,
+        )
+    head_w = state.get("head.linear.weight")
+    return template.replace(
+        img_size=img,
+        num_channels=channels,
+        num_classes=int(head_w.shape[0]) if head_w is not None else 0,
+        head_linear_bias="head.linear.bias" in state if head_w is not None else template.head_linear_bias,
+        **shape,
     )
 
 
@@ -232,12 +290,25 @@ def load_model_from_files(
     *,
     probe_layers: str | tuple[int, ...] | None = None,
     device: torch.device | str = "cpu",
+    hf_preprocessor: Mapping[str, Any] | None = None,
+    preprocess: PreprocessConfig | None = None,
 ) -> AimModel:
-    """Merge the parts, decide the config, build the model on the meta device and load strictly."""
+    """Merge the parts, rename their keys to ours, decide the config, build on the meta device and load strictly.
+
+    Preprocessing, first match wins: `preprocess` (the operator's override), the recipe in our own file's
+    metadata, a Hugging Face `preprocessor_config.json` (`hf_preprocessor`), Apple's transform for the config.
+    """
     loaded = merge_checkpoints(parts)
-    state = loaded.state_dict
+    try:
+        state, layout = convert_to_ours(loaded.state_dict)
+    except LayoutError as exc:
+        raise CheckpointError(f"{[str(f) for f in loaded.files]}: {exc}") from exc
     if config is None:
         config = AimConfig.from_dict(loaded.config) if loaded.config is not None else infer_config(state)
+    if config.is_v2 and config.native != ("preprocessor.pos_embed" not in state):
+        # The weights decide: a learned table means fixed resolution, none means native (Apple's native config.json
+        # has the same fields as the fixed ones).
+        config = infer_config(state, base=config)
     # A head file of ours (head keys only, written with include_trunk=False) knows the probe layers it was trained
     # on; they win over the trunk's defaults. An explicit `probe_layers` still wins over both (below).
     head_part = next((p for p in parts if p.config and any(k.startswith(HEAD_PREFIX) for k in p.state_dict)), None)
@@ -269,11 +340,15 @@ def load_model_from_files(
     model.checkpoint_files = list(loaded.files)  # type: ignore[attr-defined]
     model.provenance = dict(loaded.provenance)  # type: ignore[attr-defined]
     model.labels = loaded.labels  # type: ignore[attr-defined]
-    model.preprocess_config = (  # type: ignore[attr-defined]
-        PreprocessConfig.from_dict(loaded.preprocess)
-        if loaded.preprocess
-        else PreprocessConfig.for_size(config.img_size)
-    )
+    model.layout = layout  # type: ignore[attr-defined]
+    if preprocess is not None:
+        model.preprocess_config = dataclasses.replace(preprocess, origin=preprocess.origin or "override")
+    elif loaded.preprocess:
+        model.preprocess_config = PreprocessConfig.from_dict(loaded.preprocess)
+    elif hf_preprocessor is not None:
+        model.preprocess_config = from_hf_preprocessor(hf_preprocessor, config)
+    else:
+        model.preprocess_config = default_preprocess_config(config)
     return model
 
 
@@ -313,7 +388,7 @@ def save_checkpoint(
         labels = getattr(model, "labels", None)
     if labels is not None and config.has_head and len(labels) != config.num_classes:
         raise ValueError(f"{len(labels)} labels for a head with {config.num_classes} classes")
-    prep = preprocess or getattr(model, "preprocess_config", None) or PreprocessConfig.for_size(config.img_size)
+    prep = preprocess or getattr(model, "preprocess_config", None) or default_preprocess_config(config)
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

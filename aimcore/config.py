@@ -1,8 +1,9 @@
 """Model configuration: one frozen dataclass and the named flavors.
 
-The released shapes and probe layers follow ml-aim v1 (AIM_FACTS §2, §5). The pre-training decoder shape
-(`decoder_dim`, `decoder_depth`) follows ml-l3m's AIMv1 config (AIM_FACTS §7); inference never builds it, but it
-lives here so FLOP counts and the pre-training code read one source of truth.
+The released shapes and probe layers follow ml-aim v1 (AIM_FACTS §2, §5); the AIMv2 vision encoders follow
+AIMV2_FACTS §1-§2 (`family="aimv2"`: RMSNorm, SwiGLU, learned or native sin-cos positions). The pre-training
+decoder shape (`decoder_dim`, `decoder_depth`) follows ml-l3m's AIMv1 config (AIM_FACTS §7); inference never
+builds it, but it lives here so FLOP counts and the pre-training code read one source of truth.
 """
 
 from __future__ import annotations
@@ -13,15 +14,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FLAVORS", "AimConfig", "flavor_names", "get_flavor"]
+__all__ = ["FAMILIES", "FLAVORS", "MAX_NATIVE_PATCHES", "AimConfig", "flavor_names", "get_flavor"]
+
+# "aim": AIM v1 (LayerNorm, GELU MLP, fixed sin-cos table). "aimv2": AIMv2 (RMSNorm, SwiGLU, learned
+# `preprocessor.pos_embed`, or the sin-cos table of the input's own grid when `native`).
+FAMILIES = ("aim", "aimv2")
+# The native AIMv2 encoder was evaluated from 112 to 4096 patches (AIMV2_FACTS §1); beyond that we refuse.
+MAX_NATIVE_PATCHES = 4096
 
 
 @dataclass(frozen=True)
 class AimConfig:
-    """Architecture of an AIM v1 model.
+    """Architecture of an AIM v1 or AIMv2 model: `family` picks the norm, the FFN and the position table.
 
     `probe_layers` are 0-based block indices whose raw outputs are averaged for the attention-pooling head.
     `num_classes == 0` means the model has no head (a bare trunk).
+    `mlp_hidden_dim` 0 means `embed_dim * mlp_ratio` (v1); AIMv2's SwiGLU widths are explicit (2816 for 1024).
+    `native` (AIMv2 only): no learned table; any H x W multiple of the patch, up to MAX_NATIVE_PATCHES patches.
     """
 
     name: str = "custom"
@@ -40,6 +49,9 @@ class AimConfig:
     norm_eps: float = 1e-6
     decoder_dim: int = 2048
     decoder_depth: int = 12
+    family: str = "aim"
+    mlp_hidden_dim: int = 0
+    native: bool = False
     # Free-form, e.g. {"labels": "imagenet-1k"}; kept out of equality so two configs compare by architecture.
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
@@ -48,6 +60,12 @@ class AimConfig:
         object.__setattr__(self, "probe_layers", tuple(int(i) for i in self.probe_layers))
         object.__setattr__(self, "best_probe_layers", tuple(int(i) for i in self.best_probe_layers))
         problems: list[str] = []
+        if self.family not in FAMILIES:
+            problems.append(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.native and self.family != "aimv2":
+            problems.append("native resolution is an AIMv2 feature (family='aimv2')")
+        if self.mlp_hidden_dim < 0:
+            problems.append(f"mlp_hidden_dim must be >= 0 (0 = embed_dim * mlp_ratio), got {self.mlp_hidden_dim}")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
         if self.embed_dim % 4:
@@ -93,6 +111,63 @@ class AimConfig:
     def patch_dim(self) -> int:
         """Length of one flattened pixel patch (P·P·C), the pre-training target width."""
         return self.patch_size**2 * self.num_channels
+
+    @property
+    def is_v2(self) -> bool:
+        return self.family == "aimv2"
+
+    @property
+    def norm(self) -> str:
+        """Norm kind: "layernorm" (v1, with bias) or "rmsnorm" (v2, weight only)."""
+        return "rmsnorm" if self.is_v2 else "layernorm"
+
+    @property
+    def ffn(self) -> str:
+        """FFN kind: "gelu" (v1: fc1 -> GELU -> fc2) or "swiglu" (v2: fc2(silu(fc1 x) * fc3 x))."""
+        return "swiglu" if self.is_v2 else "gelu"
+
+    @property
+    def pos_embed(self) -> str:
+        """Position table: "sincos" (v1), "learned" (v2 `preprocessor.pos_embed`) or "native_sincos" (v2 native)."""
+        if not self.is_v2:
+            return "sincos"
+        return "native_sincos" if self.native else "learned"
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_hidden_dim or self.embed_dim * self.mlp_ratio
+
+    @property
+    def head_batch_norm(self) -> bool:
+        """v1's probe head normalises its input with BatchNorm; AIMv2's pooling head has none (its tokens are
+        already RMS-normalised by `post_trunk_norm`)."""
+        return not self.is_v2
+
+    @property
+    def fixed_resolution(self) -> bool:
+        """True when the model has a learned position table for exactly one grid (AIMv2 224/336/448). v1's sin-cos
+        table is defined for any grid, as in ml-aim v1, so v1 takes other sizes (and non-square ones)."""
+        return self.pos_embed == "learned"
+
+    def check_grid(self, h: int, w: int) -> None:
+        """Refuse a patch grid this model cannot take: a fixed-resolution model only its own grid (never a silent
+        slice of its position table), a native one at most MAX_NATIVE_PATCHES patches."""
+        if not self.fixed_resolution and not self.native:
+            return
+        if self.native:
+            if h * w > MAX_NATIVE_PATCHES:
+                raise ValueError(
+                    f"{self.name}: {h}x{w} = {h * w} patches is more than the native maximum {MAX_NATIVE_PATCHES}"
+                )
+            return
+        g = self.grid_size
+        if (h, w) != (g, g):
+            p = self.patch_size
+            raise ValueError(
+                f"{self.name} is a fixed-resolution model: it takes {self.img_size}x{self.img_size} inputs "
+                f"({g}x{g} patches), got {h * p}x{w * p} ({h}x{w} patches); preprocess with model.preprocess(image) "
+                "or preprocess(image, model.preprocess_config)"
+            )
 
     @property
     def has_head(self) -> bool:
@@ -166,6 +241,50 @@ def _released(name: str, dim: int, depth: int, heads: int, best: range) -> AimCo
     )
 
 
+def _released_v2(name: str, dim: int, heads: int, hidden: int, img: int, native: bool = False) -> AimConfig:
+    depth = 24
+    # AIMv2 reports its attentive probe on the last block's normed tokens; our probe keeps that by default.
+    last = (depth - 1,)
+    return AimConfig(
+        name=name,
+        img_size=img,
+        patch_size=14,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_hidden_dim=hidden,
+        probe_layers=last,
+        best_probe_layers=last,
+        num_classes=0,
+        head_linear_bias=True,
+        norm_eps=1e-5,
+        family="aimv2",
+        native=native,
+        decoder_dim=2048,
+        decoder_depth=12,
+    )
+
+
+def _v2_flavors() -> dict[str, AimConfig]:
+    """Every released AIMv2 vision encoder (AIMV2_FACTS §1), named after its hub id `apple/<name>`."""
+    out: dict[str, AimConfig] = {}
+    for size, dim, heads, hidden in (
+        ("large", 1024, 8, 2816),
+        ("huge", 1536, 12, 4096),
+        ("1B", 2048, 16, 5632),
+        ("3B", 3072, 24, 8192),
+    ):
+        for img in (224, 336, 448):
+            name = f"aimv2-{size}-patch14-{img}"
+            out[name] = _released_v2(name, dim, heads, hidden, img)
+    for img in (224, 336):
+        name = f"aimv2-large-patch14-{img}-distilled"
+        out[name] = _released_v2(name, 1024, 8, 2816, img)
+    # The native model's img_size is only its default (training-time) resolution; it takes any grid.
+    out["aimv2-large-patch14-native"] = _released_v2("aimv2-large-patch14-native", 1024, 8, 2816, 224, native=True)
+    return out
+
+
 FLAVORS: dict[str, AimConfig] = {
     # Released ml-aim v1 shapes; head dim 128 everywhere (AIM_FACTS §5), "best" layers from constants.LAYERS_BEST.
     "aim-600M": _released("aim-600M", 1536, 24, 12, range(14, 20)),
@@ -202,6 +321,26 @@ FLAVORS: dict[str, AimConfig] = {
         decoder_dim=256,
         decoder_depth=4,
     ),
+    **_v2_flavors(),
+    # AIMv2-shaped and tiny: seconds on a CPU. SwiGLU hidden 160 is not a multiple of the width, as released.
+    "aimv2-debug": AimConfig(
+        name="aimv2-debug",
+        img_size=28,
+        patch_size=14,
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        mlp_hidden_dim=160,
+        # Before the last block, so early exit is exercised as for v1's debug flavor.
+        probe_layers=(1, 2),
+        best_probe_layers=(1, 2),
+        num_classes=0,
+        head_linear_bias=True,
+        norm_eps=1e-5,
+        family="aimv2",
+        decoder_dim=64,
+        decoder_depth=2,
+    ),
 }
 
 # Lower-case aliases, including ml-aim's factory and arch names, resolve to the same flavors.
@@ -216,6 +355,7 @@ _ALIASES: dict[str, str] = {
     "aim-7b-5b-imgs": "aim-7B",
     "aim_debug": "aim-debug",
     "aim_demo": "aim-demo",
+    "aimv2_debug": "aimv2-debug",
 }
 
 
@@ -224,7 +364,9 @@ def flavor_names() -> list[str]:
 
 
 def canonical_flavor(name: str) -> str | None:
-    """The flavor key for `name` (case-insensitive, ml-aim aliases accepted), or None."""
+    """The flavor key for `name` (case-insensitive, ml-aim aliases and `apple/aimv2-*` hub ids accepted), or None."""
+    if name.lower().startswith("apple/aimv2-"):
+        name = name.split("/", 1)[1]
     for key in FLAVORS:
         if key.lower() == name.lower():
             return key

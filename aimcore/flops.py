@@ -44,10 +44,13 @@ class FlopCounts:
 
 def count_params(config: AimConfig) -> ParamCounts:
     d, p, c = config.embed_dim, config.patch_size, config.num_channels
-    hidden = d * config.mlp_ratio
-    patch = d * c * p * p + d + 2 * d  # conv weight + bias, LayerNorm
-    block = 3 * d * d + d * d + 2 * d * hidden + 4 * d  # qkv, proj, fc1+fc2, two LayerNorms
-    backbone = patch + config.depth * block + 2 * d  # + post_trunk_norm
+    hidden = config.hidden_dim
+    norm = d if config.norm == "rmsnorm" else 2 * d  # RMSNorm has a weight only, LayerNorm a weight and a bias
+    ffn = (3 if config.ffn == "swiglu" else 2) * d * hidden  # fc1 (+ fc3) + fc2
+    patch = d * c * p * p + d + norm  # conv weight + bias, norm
+    pos = config.num_patches * d if config.pos_embed == "learned" else 0
+    block = 3 * d * d + d * d + ffn + 2 * norm  # qkv, proj, FFN, two norms
+    backbone = patch + pos + config.depth * block + norm  # + post_trunk_norm
     head = 0
     if config.has_head:
         head = d + 2 * d * d + config.num_classes * d + (config.num_classes if config.head_linear_bias else 0)
@@ -64,11 +67,12 @@ def count_flops(config: AimConfig, *, blocks: int | None = None, img_size: int |
     side = (img_size or config.img_size) // config.patch_size
     n = side * side
     depth = config.depth if blocks is None else blocks
-    hidden = d * config.mlp_ratio
+    hidden = config.hidden_dim
+    ffn_mats = 3 if config.ffn == "swiglu" else 2
     patch_embed = 2 * n * config.patch_dim * d
     per_block = (
-        2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * hidden + 2 * 2 * n * n * d
-    )  # qkv, proj, mlp, QK^T+AV
+        2 * n * d * 3 * d + 2 * n * d * d + ffn_mats * 2 * n * d * hidden + 2 * 2 * n * n * d
+    )  # qkv, proj, FFN, QK^T+AV
     head = 0
     if config.has_head:
         head = 2 * 2 * n * d * d + 2 * 2 * n * d + 2 * d * config.num_classes  # k, v; one query's QK^T and AV; linear

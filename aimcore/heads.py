@@ -1,4 +1,8 @@
-"""The attention-pooling classifier ("attentive probe") in ml-aim v1's layout (AIM_FACTS §1, §2)."""
+"""The attention-pooling classifier ("attentive probe") in ml-aim v1's layout (AIM_FACTS §1, §2).
+
+For AIMv2 the same head runs without BatchNorm (AIMV2_FACTS §2: AIMv2's pooling head has none; its input is
+already RMS-normalised by `post_trunk_norm`) and with a bias on the output linear, as in AIMv2's released head.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,13 @@ class AttentionPoolingClassifier(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_classes: int, num_heads: int, linear_bias: bool = False, eps: float = 1e-6
+        self,
+        dim: int,
+        num_classes: int,
+        num_heads: int,
+        linear_bias: bool = False,
+        eps: float = 1e-6,
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -27,14 +37,15 @@ class AttentionPoolingClassifier(nn.Module):
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.linear = nn.Linear(dim, num_classes, bias=linear_bias)
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=eps)
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=eps) if batch_norm else None
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def pool(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (B, D), the vector the linear layer classifies."""
         b, n, d = x.shape
         h = self.num_heads
-        x = self.bn(x.transpose(-2, -1)).transpose(-2, -1)  # statistics per channel over batch and tokens
+        if self.bn is not None:
+            x = self.bn(x.transpose(-2, -1)).transpose(-2, -1)  # statistics per channel over batch and tokens
         q = self.cls_token.expand(b, -1, -1).reshape(b, 1, h, d // h).transpose(1, 2)  # (B, H, 1, hd)
         k = self.k(x).reshape(b, n, h, d // h).transpose(1, 2)  # (B, H, N, hd)
         v = self.v(x).reshape(b, n, h, d // h).transpose(1, 2)

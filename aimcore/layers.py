@@ -1,4 +1,6 @@
-"""Trunk building blocks with ml-aim v1 parameter names (AIM_FACTS §1-§3).
+"""Trunk building blocks with ml-aim v1 / AIMv2 parameter names (AIM_FACTS §1-§3, AIMV2_FACTS §2).
+
+v1 and v2 share every module; `make_norm` and `make_ffn` pick LayerNorm/GELU-MLP (v1) or RMSNorm/SwiGLU (v2).
 
 Shapes: B batch, N tokens (h*w grid in raster order), D width, H heads, hd = D/H.
 """
@@ -16,8 +18,11 @@ __all__ = [
     "Attention",
     "Block",
     "PatchEmbed",
+    "SwiGLU",
     "attend",
     "init_linears_and_norms",
+    "make_ffn",
+    "make_norm",
     "prefix_causal_attn_mask",
     "prefix_mask_from_lengths",
     "sincos_pos_embed_2d",
@@ -58,16 +63,27 @@ def init_linears_and_norms(root: nn.Module) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """A "layernorm" (weight + bias, v1) or "rmsnorm" (weight only, v2)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
 
 
 class PatchEmbed(nn.Module):
-    """Conv patchifier + LayerNorm: (B, C, H, W) -> (B, N, D), tokens in raster order."""
+    """Conv patchifier (with bias) + LayerNorm or RMSNorm: (B, C, H, W) -> (B, N, D), tokens in raster order."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, eps: float) -> None:
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, eps: float, norm: str = "layernorm") -> None:
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
-        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.norm = make_norm(norm, embed_dim, eps)
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch_size
@@ -157,16 +173,48 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """AIMv2's FFN: fc2(silu(fc1 x) * fc3 x), no biases. fc1 is the gate, fc3 the up projection."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
+
+
+def make_ffn(kind: str, dim: int, hidden: int) -> nn.Module:
+    """A "gelu" (v1 MLP) or "swiglu" (v2)."""
+    if kind == "gelu":
+        return MLP(dim, hidden)
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden)
+    raise ValueError(f"unknown ffn {kind!r}; expected 'gelu' or 'swiglu'")
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. Submodules are assigned in the reference order (attn, norm_1, mlp, norm_2)
     so `state_dict()` lists keys in the reference order too."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, eps: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: int,
+        eps: float,
+        *,
+        norm: str = "layernorm",
+        ffn: str = "gelu",
+        hidden: int | None = None,
+    ) -> None:
         super().__init__()
         self.attn = Attention(dim, num_heads)
-        self.norm_1 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, dim * mlp_ratio)
-        self.norm_2 = nn.LayerNorm(dim, eps=eps)
+        self.norm_1 = make_norm(norm, dim, eps)
+        self.mlp = make_ffn(ffn, dim, hidden or dim * mlp_ratio)
+        self.norm_2 = make_norm(norm, dim, eps)
 
     def forward(self, x: Tensor, attn_mask: Any = None) -> Tensor:
         x = x + self.attn(self.norm_1(x), attn_mask)

@@ -1,7 +1,9 @@
-"""AimModel: preprocessor (patchifier + sin-cos), trunk, optional attention-pooling head.
+"""AimModel: preprocessor (patchifier + position table), trunk, optional attention-pooling head.
 
-Parameter names are exactly ml-aim v1's (`preprocessor.patchifier.*`, `trunk.blocks.{i}.*`, `trunk.post_trunk_norm.*`,
-`head.*`), so released checkpoints load strictly with no renaming.
+One definition for both families (`config.family`): AIM v1 (LayerNorm, GELU MLP, fixed sin-cos) and AIMv2 (RMSNorm,
+SwiGLU, learned `preprocessor.pos_embed`, or the sin-cos table of the input's own grid for the native encoder).
+Parameter names are exactly ml-aim's (`preprocessor.patchifier.*`, `preprocessor.pos_embed`, `trunk.blocks.{i}.*`,
+`trunk.post_trunk_norm.*`, `head.*`), so released v1 and v2 checkpoints load strictly with no renaming.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from torch import Tensor, nn
 
 from aimcore.config import AimConfig
 from aimcore.heads import AttentionPoolingClassifier
-from aimcore.layers import Block, PatchEmbed, init_linears_and_norms, prefix_causal_attn_mask, sincos_pos_embed_2d
+from aimcore.layers import (
+    Block,
+    PatchEmbed,
+    init_linears_and_norms,
+    make_norm,
+    prefix_causal_attn_mask,
+    sincos_pos_embed_2d,
+)
+from aimcore.preprocess import PreprocessConfig, default_preprocess_config
+from aimcore.preprocess import preprocess as preprocess_image
 
 __all__ = ["FEATURE_OUTPUTS", "AimFeatures", "AimModel", "build_model"]
 
@@ -29,8 +40,9 @@ class AimFeatures:
     """What `AimModel.features` computed. Fields that were not asked for (or need a missing head) are None.
 
     blocks: raw outputs of every block that ran, each (B, N, D), before any norm.
-    probe_average: mean of the probe layers' raw outputs, (B, N, D): what the head consumes.
-    tokens: post_trunk_norm of the last block, (B, N, D).
+    probe_average: mean of the probe layers' raw outputs, (B, N, D): what the head consumes. For AIMv2 it is
+        post_trunk_norm of that mean: AIMv2's pooling head reads normed tokens and has no BatchNorm of its own.
+    tokens: post_trunk_norm of the last block, (B, N, D) (transformers' `last_hidden_state` for AIMv2).
     pooled: the head's attention-pooled vector, (B, D), the input of its linear.
     logits: (B, num_classes).
     """
@@ -43,15 +55,28 @@ class AimFeatures:
 
 
 class Preprocessor(nn.Module):
-    """Patch embedding plus the fixed 2D sin-cos table (not a parameter or buffer: no state-dict key)."""
+    """Patch embedding plus the position table.
+
+    v1 and native v2: the fixed 2D sin-cos table of the input's grid (not a parameter or buffer: no state-dict key).
+    Fixed-resolution v2: the learned `pos_embed` parameter (1, N, D); any other grid is refused, never sliced.
+    """
 
     def __init__(self, config: AimConfig) -> None:
         super().__init__()
-        self.patchifier = PatchEmbed(config.patch_size, config.num_channels, config.embed_dim, config.norm_eps)
+        self.config = config
+        self.patchifier = PatchEmbed(
+            config.patch_size, config.num_channels, config.embed_dim, config.norm_eps, norm=config.norm
+        )
         self.embed_dim = config.embed_dim
+        self.pos_embed: nn.Parameter | None = None
+        if config.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, config.embed_dim))
         self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
 
-    def pos_embed(self, h: int, w: int, device: torch.device) -> Tensor:
+    def position_table(self, h: int, w: int, device: torch.device) -> Tensor:
+        """(h*w, D) table added to the patch tokens of an h x w grid."""
+        if self.pos_embed is not None:
+            return self.pos_embed[0]
         key = (h, w, device)
         table = self._pos_cache.get(key)
         if table is None:
@@ -61,8 +86,11 @@ class Preprocessor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patchifier.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        if x.ndim == 4 and not (x.shape[-2] % p or x.shape[-1] % p):
+            self.config.check_grid(h, w)
         tokens = self.patchifier(x)  # (B, N, D)
-        pos = self.pos_embed(x.shape[-2] // p, x.shape[-1] // p, tokens.device)
+        pos = self.position_table(h, w, tokens.device)
         return tokens + pos.to(tokens.dtype)
 
 
@@ -70,13 +98,23 @@ class Trunk(nn.Module):
     def __init__(self, config: AimConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(config.embed_dim, config.num_heads, config.mlp_ratio, config.norm_eps) for _ in range(config.depth)
+            Block(
+                config.embed_dim,
+                config.num_heads,
+                config.mlp_ratio,
+                config.norm_eps,
+                norm=config.norm,
+                ffn=config.ffn,
+                hidden=config.hidden_dim,
+            )
+            for _ in range(config.depth)
         )
-        self.post_trunk_norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
+        self.post_trunk_norm = make_norm(config.norm, config.embed_dim, config.norm_eps)
 
 
 class AimModel(nn.Module):
-    """An AIM v1 model. `model(x)` returns logits like the reference; `features()` returns everything else."""
+    """An AIM v1 or AIMv2 model. `model(x)` returns logits like the v1 reference; `features()` returns everything
+    else; `preprocess(image)` applies the preprocessing this model's checkpoint carries."""
 
     def __init__(self, config: AimConfig) -> None:
         super().__init__()
@@ -91,7 +129,10 @@ class AimModel(nn.Module):
                 config.num_heads,
                 linear_bias=config.head_linear_bias,
                 eps=config.norm_eps,
+                batch_norm=config.head_batch_norm,
             )
+        # What `preprocess()` applies; loaders replace it with what the checkpoint carries.
+        self.preprocess_config: PreprocessConfig = default_preprocess_config(config)
 
     # ----- init -----
     def init_weights(self) -> None:
@@ -101,6 +142,8 @@ class AimModel(nn.Module):
         proj = self.preprocessor.patchifier.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
+        if self.preprocessor.pos_embed is not None:
+            nn.init.trunc_normal_(self.preprocessor.pos_embed, std=0.02)
         if self.head is not None:
             nn.init.trunc_normal_(self.head.cls_token, std=0.02)
 
@@ -156,6 +199,8 @@ class AimModel(nn.Module):
             # order (and so every float32 bit) matches: (B, N, D, L) -> (B, N, D).
             stacked = torch.stack([probe_outputs[i] for i in self.config.probe_layers], dim=-1)
             result.probe_average = stacked.mean(dim=-1)
+            if self.config.is_v2:
+                result.probe_average = self.trunk.post_trunk_norm(result.probe_average)
         if "tokens" in wanted:
             result.tokens = self.trunk.post_trunk_norm(h)
         if self.head is not None and wanted & {"pooled", "logits"}:
@@ -198,6 +243,10 @@ class AimModel(nn.Module):
         else:
             raise ValueError(f"pooling must be 'mean' or 'probe', got {pooling!r}")
         return F.normalize(out, dim=-1) if normalize else out
+
+    def preprocess(self, image: Any) -> Tensor:
+        """One PIL image -> (1, C, S, S) float32 tensor, with this model's own preprocessing (the checkpoint's)."""
+        return torch.from_numpy(preprocess_image(image, self.preprocess_config))[None]
 
     # ----- bookkeeping -----
     def num_params(self, *, include_head: bool = True) -> int:

@@ -4,23 +4,34 @@ EXIF transpose -> RGB -> bicubic resize of the shorter side to ceil(S/0.875) (25
 /255 -> ImageNet mean/std, as float32 CHW. Each step uses the same arithmetic as torchvision's PIL path (PIL's own
 bicubic resize, truncated long side, Python-`round` crop offsets, float32 division), so the output is bit-identical.
 One implementation serves training evaluation, export calibration and the service.
+
+The preprocessing belongs to the checkpoint (AIMV2_FACTS §4): a model carries its `preprocess_config` (Apple's
+transform above by default; a Hugging Face `preprocessor_config.json` when the folder has one: CLIP mean/std,
+short side to S, crop_pct 1.0; for a native-resolution encoder no crop, `mode="native"`). The documented forms
+are `model.preprocess(image)` and `preprocess(image, model.preprocess_config)`; there is no default size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PreprocessConfig",
     "center_crop_box",
+    "default_preprocess_config",
+    "from_hf_preprocessor",
+    "native_grid",
     "preprocess",
     "preprocess_batch",
     "resize_shorter_side",
@@ -29,6 +40,9 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESS_MODES = ("resize_crop", "native")
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,13 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
+    # "resize_crop": shorter side to resize_size, centre crop img_size. "native" (native-resolution encoders): keep
+    # the aspect ratio, resize only to make both sides multiples of `patch_size` and to stay within `max_patches`.
+    mode: str = "resize_crop"
+    patch_size: int = 14
+    max_patches: int = 0
+    # Where this recipe came from ("apple", "preprocessor_config.json", "override", ...): recorded, not compared.
+    origin: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -46,6 +67,10 @@ class PreprocessConfig:
             raise ValueError(f"only bicubic interpolation is supported (the reference), got {self.interpolation!r}")
         if self.resize_size < self.img_size:
             raise ValueError(f"resize_size {self.resize_size} must be >= img_size {self.img_size}")
+        if self.mode not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess mode must be one of {PREPROCESS_MODES}, got {self.mode!r}")
+        if self.mode == "native" and (self.patch_size < 1 or self.max_patches < 1):
+            raise ValueError("native preprocessing needs patch_size >= 1 and max_patches >= 1")
 
     @classmethod
     def for_size(cls, img_size: int) -> PreprocessConfig:
@@ -53,14 +78,90 @@ class PreprocessConfig:
         return cls(img_size=img_size, resize_size=math.ceil(img_size / 0.875))
 
     def to_dict(self) -> dict[str, Any]:
+        """Fields added for AIMv2 appear only when they differ from their defaults, so a v1 recipe's dict (and the
+        index fingerprints and export manifests made from it) stays exactly what it was."""
         out = asdict(self)
         out["mean"] = list(self.mean)
         out["std"] = list(self.std)
+        for name in _V2_FIELDS:
+            if out[name] == _DEFAULTS[name]:
+                del out[name]
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessConfig:
         return cls(**dict(data))
+
+
+_V2_FIELDS = ("mode", "patch_size", "max_patches", "origin")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
+
+
+def default_preprocess_config(model_config: Any) -> PreprocessConfig:
+    """Apple's transform for an AimConfig (v1 and v2 alike, AIMV2_FACTS §4): used when the checkpoint says nothing.
+    A native-resolution encoder keeps the aspect ratio, capped at its default grid's patch count."""
+    if getattr(model_config, "native", False):
+        return PreprocessConfig(
+            img_size=model_config.img_size,
+            resize_size=model_config.img_size,
+            mode="native",
+            patch_size=model_config.patch_size,
+            max_patches=model_config.num_patches,
+            origin="apple",
+        )
+    # v1 has one recipe only, so it records no origin (its recipe dict stays as before); v2's sources disagree.
+    origin = "apple" if getattr(model_config, "family", "aim") == "aimv2" else ""
+    return dataclasses.replace(PreprocessConfig.for_size(model_config.img_size), origin=origin)
+
+
+def from_hf_preprocessor(data: Mapping[str, Any], model_config: Any) -> PreprocessConfig:
+    """A Hugging Face `preprocessor_config.json` (CLIPImageProcessor) -> PreprocessConfig for `model_config`.
+
+    Only what our pipeline can reproduce exactly is accepted: bicubic (PIL resample 3), resize of the shorter side,
+    centre crop, rescale 1/255, mean/std. `do_resize` and `do_center_crop` both false is the native encoder's recipe.
+    """
+    resample = data.get("resample", 3)
+    if resample != 3:
+        raise ValueError(f"preprocessor_config.json asks for PIL resample {resample}; only bicubic (3) is supported")
+    rescale = float(data.get("rescale_factor", 1 / 255))
+    if data.get("do_rescale", True) is False or abs(rescale - 1 / 255) > 1e-9:
+        raise ValueError(f"preprocessor_config.json rescales by {rescale}; only 1/255 is supported")
+    mean = tuple(data.get("image_mean", CLIP_MEAN)) if data.get("do_normalize", True) else (0.0, 0.0, 0.0)
+    std = tuple(data.get("image_std", CLIP_STD)) if data.get("do_normalize", True) else (1.0, 1.0, 1.0)
+    origin = "preprocessor_config.json"
+    if not data.get("do_resize", True) and not data.get("do_center_crop", True):
+        return PreprocessConfig(
+            img_size=model_config.img_size,
+            resize_size=model_config.img_size,
+            mean=mean,
+            std=std,
+            mode="native",
+            patch_size=model_config.patch_size,
+            max_patches=model_config.num_patches,
+            origin=origin,
+        )
+    size = data.get("size", {})
+    short = size.get("shortest_edge") if isinstance(size, Mapping) else size
+    crop = data.get("crop_size", {})
+    crop_side = crop.get("height") if isinstance(crop, Mapping) else crop
+    img = int(crop_side or model_config.img_size)
+    return PreprocessConfig(
+        img_size=img, resize_size=int(short or img), mean=mean, std=std, mode="resize_crop", origin=origin
+    )
+
+
+def native_grid(width: int, height: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+    """(grid_w, grid_h) for a native-resolution input: the image's own aspect ratio, each side rounded to whole
+    patches (at least one), scaled down until it has at most `max_patches` patches."""
+    scale = min(1.0, math.sqrt(max_patches * patch_size**2 / (width * height)))
+    gw = max(1, round(width * scale / patch_size))
+    gh = max(1, round(height * scale / patch_size))
+    while gw * gh > max_patches:  # rounding up may overshoot by a row or column
+        if gw >= gh:
+            gw -= 1
+        else:
+            gh -= 1
+    return gw, gh
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -107,10 +208,25 @@ def _resize_crop(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return image.crop(center_crop_box(w, h, cfg.img_size))
 
 
+def _resize_native(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    gw, gh = native_grid(image.width, image.height, cfg.patch_size, cfg.max_patches)
+    size = (gw * cfg.patch_size, gh * cfg.patch_size)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
 def preprocess(image: Image.Image, config: PreprocessConfig | None = None) -> np.ndarray:
-    """PIL image -> float32 (3, S, S), normalised. S = config.img_size (224 by default)."""
-    cfg = config or PreprocessConfig()
-    rgb = _resize_crop(to_rgb(image), cfg)
+    """PIL image -> float32 (3, S, S), normalised (native mode: (3, H, W), multiples of the patch).
+
+    `config` is the model's (`model.preprocess_config`); it is required, because a default size would silently
+    feed a model the wrong resolution."""
+    if config is None:
+        raise TypeError(
+            "preprocess(image, config) needs the model's preprocessing: use model.preprocess(image) or "
+            "preprocess(image, model.preprocess_config)"
+        )
+    cfg = config
+    rgb = to_rgb(image)
+    rgb = _resize_native(rgb, cfg) if cfg.mode == "native" else _resize_crop(rgb, cfg)
     pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # (3, S, S) in [0, 255]
     pixels /= np.float32(255.0)
     mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
@@ -120,7 +236,9 @@ def preprocess(image: Image.Image, config: PreprocessConfig | None = None) -> np
 
 def preprocess_batch(images: Sequence[Image.Image], config: PreprocessConfig | None = None) -> np.ndarray:
     """Several PIL images -> float32 (B, 3, S, S)."""
+    if config is None:
+        raise TypeError("preprocess_batch(images, config) needs the model's preprocess_config")
     if not images:
-        cfg = config or PreprocessConfig()
+        cfg = config
         return np.zeros((0, 3, cfg.img_size, cfg.img_size), dtype=np.float32)
     return np.stack([preprocess(img, config) for img in images])

@@ -4,8 +4,11 @@ Resolution order for `source`:
 1. an existing file or folder on disk;
 2. a bundled model name (`aim-demo`, shipped under `aimcore/assets/`);
 3. a released flavor name (`aim-600M`, `aim-1B`, `aim-3B`, `aim-7B`): the backbone and head `.pth` files of the
-   `apple/AIM` Hugging Face repo;
+   `apple/AIM` Hugging Face repo; an AIMv2 flavor (`aimv2-large-patch14-224`, ...) or its hub id
+   (`apple/aimv2-large-patch14-224`): that repo's safetensors, config.json and preprocessor_config.json;
 4. a Hugging Face repo id (`org/name`), e.g. `apple/AIM-600M`.
+A folder may be in any layout of aimcore.layouts (Apple's keys, transformers' `Aimv2VisionModel`, timm); its
+`config.json` (ours, `model_type: "aimv2"` or `"aimv2_vision_model"`) and `preprocessor_config.json` are read.
 The hub is only touched in cases 3-4, through `huggingface_hub` (an optional dependency). When it is missing, or
 offline (`HF_HUB_OFFLINE=1`, no network) and the files are not cached, the error names the id and the fix.
 """
@@ -29,6 +32,7 @@ from aimcore.checkpoint import (
 )
 from aimcore.config import FLAVORS, AimConfig, canonical_flavor, get_flavor
 from aimcore.model import AimModel
+from aimcore.preprocess import PreprocessConfig
 
 __all__ = ["BUNDLED_DIR", "RELEASED_FILES", "ModelUnavailableError", "load_model", "resolve_files"]
 
@@ -56,26 +60,33 @@ def load_model(
     head: str | os.PathLike[str] | None = None,
     probe_layers: str | tuple[int, ...] | None = None,
     device: torch.device | str = "cpu",
+    preprocess: PreprocessConfig | Mapping[str, Any] | None = None,
 ) -> AimModel:
-    """Load an AIM model in eval mode.
+    """Load an AIM v1 or AIMv2 model in eval mode.
 
     source: a weights file (backbone, merged or ours), a folder holding them, `aim-demo`, a released flavor name
     or a Hugging Face repo id. config: an AimConfig, a dict of its fields, or a flavor name; None reads it from the
     file's metadata or a config.json, else infers it from the tensor shapes (assuming head dim 128, as released).
     head: an optional separate head file (released `..._head_best_layers.pth` or ours).
     probe_layers: "best", "last" or block indices, overriding what the files imply.
+    preprocess: the operator's override of the checkpoint's preprocessing (recorded with origin "override").
     """
     if isinstance(config, str):
         config = get_flavor(config)
     elif isinstance(config, Mapping):
         config = AimConfig.from_dict(config)
+    if isinstance(preprocess, Mapping):
+        preprocess = PreprocessConfig.from_dict(preprocess)
     files, implied_layers, hf_config = resolve_files(source, head=head, probe_layers=probe_layers)
+    hf_preprocessor = _hf_preprocessor(source, files)
     parts = [read_weights(f) for f in files]
     if config is None and hf_config is not None and all(p.config is None for p in parts):
         config = hf_config
     # An explicit choice wins over what the head file's name implies ("..._head_last_layers.pth").
     layers = probe_layers if probe_layers is not None else implied_layers
-    model = load_model_from_files(parts, config, probe_layers=layers, device=device)
+    model = load_model_from_files(
+        parts, config, probe_layers=layers, device=device, hf_preprocessor=hf_preprocessor, preprocess=preprocess
+    )
     model.source = str(source)  # type: ignore[attr-defined]
     logger.info(
         "loaded %s from %s: %s, %d blocks, width %d, head=%s, probe layers %s",
@@ -110,6 +121,10 @@ def resolve_files(
         elif flavor in RELEASED_FILES:
             files, implied = _released_from_hub(flavor, wanted or "best")
             hf_config = get_flavor(flavor)
+        elif flavor is not None and get_flavor(flavor).is_v2 and flavor != "aimv2-debug":
+            files, implied, hf_config = _files_in(
+                _snapshot_from_hub(f"apple/{flavor}", patterns=["*.json", "*.safetensors"]), wanted
+            )
         elif flavor is not None:
             raise ModelUnavailableError(
                 f"{text!r} is a flavor with no weights here: bundled weights would be in {BUNDLED_DIR / flavor}. "
@@ -183,14 +198,65 @@ _HF_CONFIG_KEYS = (
 )
 
 
+def _hf_preprocessor(source: str | os.PathLike[str], files: list[Path]) -> dict[str, Any] | None:
+    """The `preprocessor_config.json` beside the weights of a folder source (local or a hub snapshot)."""
+    if Path(source).is_file() or not files:
+        return None
+    path = files[0].parent / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else None
+
+
+_V2_MODEL_TYPES = ("aimv2", "aimv2_vision_model")
+
+
+def _hf_v2_config(data: Mapping[str, Any], folder: str) -> AimConfig:
+    """Apple's remote-code (`model_type: "aimv2"`) or transformers' (`"aimv2_vision_model"`) config.json.
+
+    A released shape keeps its flavor's name; `native` is settled by the weights (a learned table or none)."""
+    image = data.get("image_size", 224)
+    patch = data.get("patch_size", 14)
+    image = image[0] if isinstance(image, list | tuple) else image
+    patch = patch[0] if isinstance(patch, list | tuple) else patch
+    shape = {
+        "embed_dim": int(data["hidden_size"]),
+        "mlp_hidden_dim": int(data["intermediate_size"]),
+        "depth": int(data["num_hidden_layers"]),
+        "num_heads": int(data["num_attention_heads"]),
+        "img_size": int(image),
+        "patch_size": int(patch),
+        "num_channels": int(data.get("num_channels", 3)),
+        "norm_eps": float(data.get("rms_norm_eps", 1e-5)),
+        "native": bool(data.get("is_native", False)),
+    }
+    base = next((f for f in FLAVORS.values() if f.is_v2 and all(getattr(f, k) == v for k, v in shape.items())), None)
+    if base is not None:
+        return base
+    last = (shape["depth"] - 1,)
+    return AimConfig(
+        name=folder,
+        family="aimv2",
+        probe_layers=last,
+        best_probe_layers=last,
+        num_classes=0,
+        head_linear_bias=True,
+        **shape,
+    )
+
+
 def _hf_config(path: Path) -> AimConfig | None:
-    """A `PyTorchModelHubMixin` config.json (flat: img_size, patch_size, embed_dim, num_blocks, num_heads, ...).
+    """A `PyTorchModelHubMixin` config.json (flat: img_size, patch_size, embed_dim, num_blocks, num_heads, ...),
+    or an AIMv2 one (Apple's remote code or transformers', see `_hf_v2_config`).
 
     A known released shape keeps its flavor's name and "best" layers; otherwise the last 6 blocks are the default
     probe layers, as for ml-aim's factories."""
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
+    if data.get("model_type") in _V2_MODEL_TYPES:
+        return _hf_v2_config(data, path.parent.name)
     if "embed_dim" not in data:
         return None
     fields = {k: data[k] for k in _HF_CONFIG_KEYS if k in data}
@@ -227,7 +293,7 @@ def _hub_error(what: str, exc: BaseException | None) -> ModelUnavailableError:
     )
 
 
-def _snapshot_from_hub(repo_id: str) -> Path:
+def _snapshot_from_hub(repo_id: str, patterns: list[str] | None = None) -> Path:
     hub = _hub()
     if hub is None:
         raise ModelUnavailableError(
@@ -237,7 +303,7 @@ def _snapshot_from_hub(repo_id: str) -> Path:
     try:
         local = hub.snapshot_download(
             repo_id,
-            allow_patterns=["*.json", "*.safetensors", "*.pth", "*.bin"],
+            allow_patterns=patterns or ["*.json", "*.safetensors", "*.pth", "*.bin"],
             local_files_only=_offline(),
         )
     except Exception as exc:  # the hub raises many types: offline, 404, auth, network

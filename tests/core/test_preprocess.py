@@ -15,6 +15,8 @@ from aimcore import PreprocessConfig, preprocess, preprocess_batch, to_rgb
 from aimcore.preprocess import center_crop_box, resize_shorter_side
 from tests.conftest import encode, make_photo
 
+CFG224 = PreprocessConfig()  # the reference 224 pipeline; preprocess() has no default config
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 REFERENCE = json.loads((ASSETS / "reference" / "preprocess_reference.json").read_text())
 CASES = [(size, name) for size, names in REFERENCE["sha256_float32_chw"].items() for name in sorted(names)]
@@ -39,8 +41,8 @@ def test_defaults_are_the_reference_224_pipeline() -> None:
 
 
 def test_output_range_matches_normalisation_bounds() -> None:
-    black = preprocess(Image.new("RGB", (300, 300), (0, 0, 0)))
-    white = preprocess(Image.new("RGB", (300, 300), (255, 255, 255)))
+    black = preprocess(Image.new("RGB", (300, 300), (0, 0, 0)), CFG224)
+    white = preprocess(Image.new("RGB", (300, 300), (255, 255, 255)), CFG224)
     for c, (m, s) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True)):
         assert black[c].min() == black[c].max() == pytest.approx(-m / s, abs=1e-6)
         assert white[c].min() == white[c].max() == pytest.approx((1 - m) / s, abs=1e-6)
@@ -82,8 +84,8 @@ def test_exif_orientation_is_applied() -> None:
     upright = to_rgb(tagged)
     assert upright.size == (200, 300)
     plain = Image.open(__import__("io").BytesIO(encode(photo, "JPEG", quality=95)))
-    expected = preprocess(plain.transpose(Image.Transpose.ROTATE_270))
-    np.testing.assert_array_equal(preprocess(tagged), expected)
+    expected = preprocess(plain.transpose(Image.Transpose.ROTATE_270), CFG224)
+    np.testing.assert_array_equal(preprocess(tagged, CFG224), expected)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "1", "I;16", "I", "F"])
@@ -106,16 +108,16 @@ def test_every_mode_becomes_rgb(mode: str) -> None:
     else:
         rgb = to_rgb(base.convert(mode))
     assert rgb.mode == "RGB"
-    out = preprocess(rgb.copy())
+    out = preprocess(rgb.copy(), CFG224)
     assert out.shape == (3, 224, 224) and np.isfinite(out).all()
 
 
 def test_batch_and_empty_batch() -> None:
     imgs = [make_photo(300, 200, seed=s) for s in range(3)]
-    batch = preprocess_batch(imgs)
+    batch = preprocess_batch(imgs, CFG224)
     assert batch.shape == (3, 3, 224, 224)
-    np.testing.assert_array_equal(batch[1], preprocess(imgs[1]))
-    assert preprocess_batch([]).shape == (0, 3, 224, 224)
+    np.testing.assert_array_equal(batch[1], preprocess(imgs[1], CFG224))
+    assert preprocess_batch([], CFG224).shape == (0, 3, 224, 224)
 
 
 def test_config_round_trip_and_validation() -> None:
