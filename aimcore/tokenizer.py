@@ -60,9 +60,7 @@ class TextTokenizer:
 
     # ----- construction -----
     @classmethod
-    def from_vocab(
-        cls, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], **kwargs: Any
-    ) -> TextTokenizer:
+    def from_vocab(cls, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], **kwargs: Any) -> TextTokenizer:
         """CLIP's pipeline over a byte-level vocabulary whose word-final pieces end in `</w>`."""
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 

@@ -23,10 +23,11 @@ from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import ApiKeyPolicy, ServiceMiddleware
 from service.retrieval import Retrieval
-from service.routes import inference, ops, search
+from service.routes import inference, ops, search, ui
 from service.schemas import ClassifyRequest, EmbedRequest
 from service.search_schemas import AddItemsRequest, SearchRequest
 from service.settings import Settings
+from service.text import TextService
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -63,6 +64,9 @@ def create_app(
     engine = Engine(settings, metrics, backend=backend)
     retrieval = Retrieval(settings, engine, metrics)
     engine.before_ready.append(retrieval.open)
+    text = TextService(settings, engine, metrics)  # LiT models: the text tower's batcher and self-check
+    engine.before_ready.append(text.open)
+    engine.describers["text"] = text.describe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,6 +77,7 @@ def create_app(
             try:
                 await engine.stop()
             finally:
+                await text.stop()
                 await retrieval.stop()
 
     app = FastAPI(
@@ -85,10 +90,13 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.retrieval = retrieval
+    app.state.text = text
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(ops.router)
     app.include_router(search.router)
+    if settings.ui_enabled:
+        app.include_router(ui.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(

@@ -25,7 +25,8 @@ from service.metrics import ServiceMetrics
 
 __all__ = ["ApiKeyPolicy", "ServiceMiddleware"]
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# The /ui page and its script hold no data (the page asks for the key itself and sends it with each search).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/ui", "/ui/app.js", "/ui/app.css"})
 INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search"})
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STAGES = ("decode", "queue", "compute")

@@ -127,6 +127,15 @@ class Settings(BaseSettings):
         "loop sooner while decode/compute threads run (a latency knob; see docs/BENCHMARKS.md)",
     )
 
+    # --- text (AIMv2-LiT models: text embeddings, text search, zero-shot classify) and the /ui page ---
+    text_tokenizer: str | None = Field(
+        None, description="folder with the LiT tokenizer files (default: those beside the checkpoint)"
+    )
+    max_texts_per_request: int = Field(64, ge=1, le=4096, description="texts (or labels) in one request; beyond: 422")
+    max_text_chars: int = Field(1000, ge=1, le=100_000, description="characters per text; beyond: 422")
+    zero_shot_cache_size: int = Field(64, ge=0, description="label sets whose embeddings /classify keeps")
+    ui_enabled: bool = Field(True, description="serve the search page at GET /ui")
+
     @field_validator("allowed_formats", mode="before")
     @classmethod
     def _split_formats(cls, value: Any) -> Any:

@@ -20,6 +20,7 @@ import torch
 
 import aimcore
 from aimcore import AimModel, ModelUnavailableError, build_model, get_flavor, sha256_file
+from aimcore.lit_sources import is_lit_source
 from aimcore.manifest import MANIFEST_NAME, ExportManifest, read_manifest
 from aimcore.sources import BUNDLED_DIR
 from service.backends.base import BACKEND_OUTPUTS, BackendInfo, InferenceBackend
@@ -222,6 +223,10 @@ def create_backend(settings: Settings) -> LoadedBackend:
             f"backend {settings.backend} serves an exported artefact, and {settings.model or 'the default model'} is "
             "a checkpoint: export it first (python -m export ...) and pass the export directory as --model"
         )
+    if settings.model is not None and is_lit_source(settings.model):  # AIMv2-LiT: image and text towers
+        from service.backends.lit_backend import load_lit_backend
+
+        return load_lit_backend(settings)
     model, model_id, warnings = _load_torch_model(settings)
     device = resolve_device(settings.device)
     what = "random weights" if warnings else "a checkpoint, not an export"

@@ -33,6 +33,13 @@ T = TypeVar("T")
 _ERRORS = error_responses(401, 413, 415, 422, 429, 503, 504)
 
 
+def text_routes() -> Any:
+    """service.routes.text, imported late (it builds on this module's helpers)."""
+    from service.routes import text
+
+    return text
+
+
 def _json(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
@@ -106,6 +113,8 @@ async def infer(
 )
 async def embed(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()
+    if (body := await text_routes().text_body(request)) is not None:  # `texts`: the LiT text tower
+        return await text_routes().embed_texts(request, engine, body)
     inputs = await parse_inputs(request, EmbedRequest, engine.settings.max_images_per_request)
     pooling, normalize = inputs.options["pooling"], inputs.options["normalize"]
     if pooling == "probe" and not engine.backend.info.has_head:
@@ -135,6 +144,8 @@ async def embed(request: Request, engine: EngineDep) -> Response:
 )
 async def classify(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()
+    if (body := await text_routes().text_body(request)) is not None:  # `labels`: zero-shot, even with a head
+        return await text_routes().classify_labels(request, engine, body)
     inputs = await parse_inputs(request, ClassifyRequest, engine.settings.max_images_per_request)
     info = engine.backend.info
     if not info.has_head:
