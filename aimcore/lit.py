@@ -195,8 +195,9 @@ class TextEncoder(nn.Module):
             x = block(x, causal)
         x = self.trunk.post_trunk_norm(x)
         # First EOS per row (argmax of the first maximum), as Apple's ExtractEOS; a row with no EOS pools token 0.
-        eos = (ids == self.config.eos_token_id).to(torch.int32).argmax(dim=1)  # (B,)
-        return x[torch.arange(x.shape[0], device=x.device), eos]  # (B, Dt)
+        # (float: ONNX ArgMax keeps the first maximum too, select_last_index=0)
+        eos = (ids == self.config.eos_token_id).to(x.dtype).argmax(dim=1)  # (B,)
+        return x.gather(1, eos[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)  # (B, Dt)
 
 
 class LitModel(nn.Module):

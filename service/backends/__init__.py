@@ -24,6 +24,7 @@ from aimcore.lit_sources import is_lit_source
 from aimcore.manifest import MANIFEST_NAME, ExportManifest, read_manifest
 from aimcore.sources import BUNDLED_DIR
 from service.backends.base import BACKEND_OUTPUTS, BackendInfo, InferenceBackend
+from service.backends.lit_onnx import is_lit_export
 from service.backends.onnx_backend import onnx_providers
 from service.backends.torch_backend import TorchBackend, resolve_device
 from service.backends.trt_backend import tensorrt_available
@@ -178,6 +179,10 @@ def create_backend(settings: Settings) -> LoadedBackend:
     """Load what `settings` names on the backend it asks for (or the best present for `auto`)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if is_lit_export(settings.model):  # an AIMv2-LiT ONNX export: both towers on ONNX Runtime
+        from service.backends.lit_onnx import load_lit_onnx_backend
+
+        return load_lit_onnx_backend(settings)
     bundled = bundled_cpu_artifact(settings)
     artifacts = find_artifacts(str(bundled) if bundled is not None else settings.model)
     if artifacts:
