@@ -18,6 +18,7 @@ __all__ = [
     "Attention",
     "Block",
     "PatchEmbed",
+    "RMSNorm",
     "SwiGLU",
     "attend",
     "init_linears_and_norms",
@@ -26,6 +27,7 @@ __all__ = [
     "prefix_causal_attn_mask",
     "prefix_mask_from_lengths",
     "sincos_pos_embed_2d",
+    "sincos_pos_embed_2d_traced",
 ]
 
 
@@ -52,6 +54,20 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int) -> Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1)
 
 
+def sincos_pos_embed_2d_traced(h: Any, w: Any, dim: int, device: torch.device) -> Tensor:
+    """`sincos_pos_embed_2d` with the grid built by broadcasting instead of repeat/repeat_interleave, so that h and
+    w stay symbolic when traced for ONNX (dynamic H x W). The same float32 arithmetic per element."""
+    quarter = dim // 4
+    omega = torch.arange(quarter, dtype=torch.float32, device=device)
+    omega /= quarter
+    omega = 1.0 / 10000**omega  # (D/4,)
+    ones = torch.ones(h, w, dtype=torch.float32, device=device)
+    rows = (torch.arange(h, dtype=torch.float32, device=device)[:, None] * ones).reshape(-1)  # (h*w,)
+    cols = (torch.arange(w, dtype=torch.float32, device=device)[None, :] * ones).reshape(-1)  # (h*w,)
+    col_angles, row_angles = cols[:, None] * omega[None, :], rows[:, None] * omega[None, :]
+    return torch.cat([col_angles.sin(), col_angles.cos(), row_angles.sin(), row_angles.cos()], dim=1)
+
+
 def init_linears_and_norms(root: nn.Module) -> None:
     """ml-l3m's AIMv1 init for every Linear and LayerNorm under `root`: xavier-uniform weights, zero biases,
     unit/zero norms. Shared by the trunk and the pre-training pixel decoder."""
@@ -63,8 +79,27 @@ def init_linears_and_norms(root: nn.Module) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.RMSNorm):
+        elif isinstance(module, RMSNorm | nn.RMSNorm):
             nn.init.ones_(module.weight)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, weight only (AIMv2's norm; key `weight`, as
+    `nn.RMSNorm`). Written with elementary ops, statistics in float32, because the ONNX exporter has no
+    `aten::rms_norm` below opset 23."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., D)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -72,7 +107,7 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps)
     raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
 
 

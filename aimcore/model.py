@@ -26,6 +26,7 @@ from aimcore.layers import (
     make_norm,
     prefix_causal_attn_mask,
     sincos_pos_embed_2d,
+    sincos_pos_embed_2d_traced,
 )
 from aimcore.preprocess import PreprocessConfig, default_preprocess_config
 from aimcore.preprocess import preprocess as preprocess_image
@@ -77,6 +78,10 @@ class Preprocessor(nn.Module):
         """(h*w, D) table added to the patch tokens of an h x w grid."""
         if self.pos_embed is not None:
             return self.pos_embed[0]
+        if torch.jit.is_tracing():
+            # ONNX export of a native model with a dynamic H x W: build the table in the graph from the traced
+            # grid sizes (a cached table would be baked in as a constant of the example's grid).
+            return sincos_pos_embed_2d_traced(h, w, self.embed_dim, device)
         key = (h, w, device)
         table = self._pos_cache.get(key)
         if table is None:

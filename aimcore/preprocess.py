@@ -28,10 +28,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PreprocessConfig",
+    "aspect_buckets",
     "center_crop_box",
     "default_preprocess_config",
     "from_hf_preprocessor",
     "native_grid",
+    "nearest_bucket",
     "preprocess",
     "preprocess_batch",
     "resize_shorter_side",
@@ -57,12 +59,16 @@ class PreprocessConfig:
     mode: str = "resize_crop"
     patch_size: int = 14
     max_patches: int = 0
+    # Native only: the (grid_w, grid_h) patch grids an image may become (the nearest aspect ratio wins), so that
+    # images of different shapes batch together; empty = each image's own grid.
+    grid_buckets: tuple[tuple[int, int], ...] = ()
     # Where this recipe came from ("apple", "preprocessor_config.json", "override", ...): recorded, not compared.
     origin: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "grid_buckets", tuple((int(w), int(h)) for w, h in self.grid_buckets))
         if self.interpolation != "bicubic":
             raise ValueError(f"only bicubic interpolation is supported (the reference), got {self.interpolation!r}")
         if self.resize_size < self.img_size:
@@ -71,6 +77,8 @@ class PreprocessConfig:
             raise ValueError(f"preprocess mode must be one of {PREPROCESS_MODES}, got {self.mode!r}")
         if self.mode == "native" and (self.patch_size < 1 or self.max_patches < 1):
             raise ValueError("native preprocessing needs patch_size >= 1 and max_patches >= 1")
+        if any(w < 1 or h < 1 or w * h > self.max_patches for w, h in self.grid_buckets):
+            raise ValueError(f"grid buckets {self.grid_buckets} must be non-empty grids of <= max_patches patches")
 
     @classmethod
     def for_size(cls, img_size: int) -> PreprocessConfig:
@@ -83,6 +91,7 @@ class PreprocessConfig:
         out = asdict(self)
         out["mean"] = list(self.mean)
         out["std"] = list(self.std)
+        out["grid_buckets"] = [list(g) for g in self.grid_buckets]
         for name in _V2_FIELDS:
             if out[name] == _DEFAULTS[name]:
                 del out[name]
@@ -93,8 +102,8 @@ class PreprocessConfig:
         return cls(**dict(data))
 
 
-_V2_FIELDS = ("mode", "patch_size", "max_patches", "origin")
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
+_V2_FIELDS = ("mode", "patch_size", "max_patches", "grid_buckets", "origin")
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)} | {"grid_buckets": []}
 
 
 def default_preprocess_config(model_config: Any) -> PreprocessConfig:
@@ -208,8 +217,32 @@ def _resize_crop(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return image.crop(center_crop_box(w, h, cfg.img_size))
 
 
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (grid_w, grid_h) bucket closest to the image's aspect ratio (in log ratio; ties: the larger grid)."""
+    target = math.log(width / height)
+    return min(buckets, key=lambda g: (abs(math.log(g[0] / g[1]) - target), -g[0] * g[1]))
+
+
+def aspect_buckets(
+    max_patches: int, ratios: Sequence[tuple[int, int]] = ((1, 1), (4, 3), (3, 2), (16, 9), (2, 1))
+) -> tuple[tuple[int, int], ...]:
+    """The largest grid within `max_patches` for each aspect ratio w:h and its transpose: a few grids, so a batch of
+    mixed shapes runs as a few same-shape backend calls (service: native resolution)."""
+    grids: list[tuple[int, int]] = []
+    for rw, rh in ratios:
+        gh = max(1, math.floor(math.sqrt(max_patches * rh / rw)))
+        gw = max(1, min(math.floor(gh * rw / rh), max_patches // gh))
+        for grid in ((gw, gh), (gh, gw)):
+            if grid not in grids:
+                grids.append(grid)
+    return tuple(grids)
+
+
 def _resize_native(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    gw, gh = native_grid(image.width, image.height, cfg.patch_size, cfg.max_patches)
+    if cfg.grid_buckets:
+        gw, gh = nearest_bucket(image.width, image.height, cfg.grid_buckets)
+    else:
+        gw, gh = native_grid(image.width, image.height, cfg.patch_size, cfg.max_patches)
     size = (gw * cfg.patch_size, gh * cfg.patch_size)
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 

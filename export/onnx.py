@@ -72,6 +72,10 @@ def _trace(model: AimModel, path: Path, outputs: tuple[str, ...], opset: int, dt
     # Batch 2, not 1: a batch of 1 invites the tracer to fold the batch size into constants.
     example = torch.randn(2, cfg.num_channels, cfg.img_size, cfg.img_size)
     dynamic = {name: {0: "B"} for name in (INPUT_NAME, *outputs)}
+    if cfg.native:
+        # AIMv2 native: any H x W (multiples of the patch); a non-square example keeps H and W from being unified.
+        example = torch.randn(2, cfg.num_channels, cfg.img_size, cfg.img_size + cfg.patch_size)
+        dynamic[INPUT_NAME] = {0: "B", 2: "H", 3: "W"}
     with frozen_head_norm(traced), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks in PatchEmbed are trace-time only
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter warns it is the old path

@@ -293,6 +293,14 @@ class DynamicBatcher:
 
     def _infer_isolating(self, pixels: list[np.ndarray], outputs: list[str]) -> list[Row | BaseException]:
         """Runs in the compute thread. (B, C, S, S) -> one row dict per image, or the exception for a bad one."""
+        shapes = {p.shape for p in pixels}
+        if len(shapes) > 1:  # native resolution: one call per grid in this batch, rows back in input order
+            rows: list[Row | BaseException | None] = [None] * len(pixels)
+            for shape in shapes:
+                idx = [i for i, p in enumerate(pixels) if p.shape == shape]
+                for i, row in zip(idx, self._infer_isolating([pixels[i] for i in idx], outputs), strict=True):
+                    rows[i] = row
+            return rows  # type: ignore[return-value]
         try:
             out = self.backend.infer(np.stack(pixels), outputs)
             return [{k: v[i] for k, v in out.items()} for i in range(len(pixels))]

@@ -32,6 +32,7 @@ from service.golden import (
     run_golden_check,
 )
 from service.metrics import ServiceMetrics
+from service.native import self_check_preprocess, serving_preprocess
 from service.settings import Settings
 
 __all__ = ["Engine", "InferenceResult"]
@@ -80,6 +81,10 @@ class Engine:
             loaded = await asyncio.to_thread(self._load_backend)
             self.loaded = loaded
             info = loaded.backend.info
+            # Native-resolution checkpoints: the aspect-ratio grids and patch cap the service serves at.
+            info.preprocess = serving_preprocess(
+                info.preprocess, max_patches=self.settings.max_patches, buckets=self.settings.native_buckets
+            )
             self.metrics.model_info.info(
                 {
                     "model_id": info.model_id,
@@ -170,11 +175,13 @@ class Engine:
                 )
             reference = f"stored: {path}"
         elif loaded.reference is not None:
-            golden = make_golden(loaded.reference, weights_sha256=expected, preprocess_config=info.preprocess)
+            golden = make_golden(
+                loaded.reference, weights_sha256=expected, preprocess_config=self_check_preprocess(info.preprocess)
+            )
             reference = "torch fp32 at batch 1, computed at load (no stored golden file)"
         else:
             golden = GoldenSet(golden_images(), {})
-            golden.outputs = backend_reference(backend, golden.pixels(info.preprocess))
+            golden.outputs = backend_reference(backend, golden.pixels(self_check_preprocess(info.preprocess)))
             reference = "the served backend at batch 1 (batch consistency only: no stored reference, no torch source)"
             logger.warning("self-check: %s", reference)
         return run_golden_check(

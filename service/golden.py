@@ -35,6 +35,7 @@ from aimcore import AimModel, PreprocessConfig, preprocess, sha256_file
 from aimcore.fsio import atomic_write_bytes
 from aimcore.manifest import ExportManifest
 from service.backends.base import InferenceBackend
+from service.native import self_check_preprocess
 
 __all__ = [
     "GOLDEN_FORMAT",
@@ -209,13 +210,13 @@ def run_golden_check(
     wanted = [o for o in (outputs or _outputs_for(info.has_head)) if o in golden.outputs]
     report = GoldenReport("passed", reference, batch_size=max_batch)
     stored_prep = golden.meta.get("preprocess")
-    if stored_prep is not None and PreprocessConfig.from_dict(stored_prep) != info.preprocess:
+    if stored_prep is not None and PreprocessConfig.from_dict(stored_prep) != self_check_preprocess(info.preprocess):
         report.status, report.message = (
             "failed",
             (f"reference preprocessing {stored_prep} differs from the served {info.preprocess.to_dict()}"),
         )
         return report
-    pixels = golden.pixels(info.preprocess)  # (K, 3, S, S)
+    pixels = golden.pixels(self_check_preprocess(info.preprocess))  # (K, 3, S, S); native: the square grid
     k = report.images = len(pixels)
     order = np.arange(max_batch) % k  # row r of the batch holds golden image order[r]
     t0 = time.perf_counter()

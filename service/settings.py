@@ -136,6 +136,14 @@ class Settings(BaseSettings):
     zero_shot_cache_size: int = Field(64, ge=0, description="label sets whose embeddings /classify keeps")
     ui_enabled: bool = Field(True, description="serve the search page at GET /ui")
 
+    # ----- AIMv2 native resolution (issue 11; service/native.py) -----
+    max_patches: int = Field(
+        0, ge=0, le=4096, description="native-resolution models: patch cap per image (0: the checkpoint's own)"
+    )
+    native_buckets: bool = Field(
+        True, description="native-resolution models: snap images to a few aspect-ratio grids so they batch"
+    )
+
     @field_validator("allowed_formats", mode="before")
     @classmethod
     def _split_formats(cls, value: Any) -> Any:

@@ -24,6 +24,17 @@ from aimcore.config import AimConfig, canonical_flavor, flavor_names, get_flavor
 __all__ = ["ConfigError", "TrainConfig", "build_arg_parser", "load_config"]
 
 
+def family_changes(base: AimConfig, family: str) -> dict[str, Any]:
+    """Switch a flavor's architecture family, keeping its width, depth, heads and probe layers. AIMv2's SwiGLU
+    width is 2.75 x the model width (2816 for 1024, AIMV2_FACTS §1), rounded to a multiple of 8; RMSNorm eps 1e-5."""
+    if family == "aimv2":
+        hidden = round(base.embed_dim * 2.75 / 8) * 8
+        return {"family": "aimv2", "mlp_hidden_dim": hidden, "norm_eps": 1e-5, "native": False}
+    if family == "aim":
+        return {"family": "aim", "mlp_hidden_dim": 0, "norm_eps": 1e-6, "native": False}
+    raise ConfigError(f"model.family must be 'aim' or 'aimv2', got {family!r}")
+
+
 class ConfigError(ValueError):
     """An invalid option or combination of options; the message says how to fix it."""
 
@@ -39,6 +50,11 @@ def opt(default: Any, doc: str) -> Any:
 class ModelSection:
     flavor: str = opt("aim-debug", f"aimcore flavor to pre-train: {', '.join(flavor_names())}")
     img_size: int = opt(0, "override the flavor's image size (0 = the flavor's)")
+    family: str = opt(
+        "",
+        "trunk architecture: aim (v1: LayerNorm, GELU MLP, sin-cos) | aimv2 (RMSNorm, SwiGLU, learned positions); "
+        "empty = the flavor's. aimv2 on a v1 flavor keeps its width/depth/heads with AIMv2's SwiGLU ratio 2.75",
+    )
     decoder_dim: int = opt(0, "override the prediction head width (0 = the flavor's decoder_dim)")
     decoder_depth: int = opt(-1, "override the number of head blocks (-1 = the flavor's decoder_depth)")
     decoder_block: str = opt(
@@ -141,6 +157,7 @@ SECTIONS: dict[str, type] = {
 }
 
 _CHOICES = {
+    ("model", "family"): ("", "aim", "aimv2"),
     ("model", "decoder_block"): ("l3m", "plain"),
     ("model", "attention"): ("auto", "sdpa", "flex"),
     ("data", "format"): ("auto", "folder", "list", "wds"),
@@ -257,6 +274,8 @@ class TrainConfig:
             changes["decoder_dim"] = self.model.decoder_dim
         if self.model.decoder_depth >= 0:
             changes["decoder_depth"] = self.model.decoder_depth
+        if self.model.family and self.model.family != base.family:
+            changes |= family_changes(base, self.model.family)
         return base.replace(**changes)
 
     def global_batch(self, world_size: int) -> int:

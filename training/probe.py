@@ -3,7 +3,9 @@
     python training/probe.py --checkpoint <trunk> --data <labelled folder or list file> [--out DIR]
 
 Frozen trunk (eval, no gradients) -> mean of the probe layers' raw outputs (B, N, D) -> BatchNorm (affine=False) ->
-attention pooling with one learned query -> linear. AdamW, linear warmup then cosine. Without augmentation the trunk
+attention pooling with one learned query -> linear. For an AIMv2 trunk: post_trunk_norm(mean of the probe layers,
+by default the last block) -> attention pooling -> linear with a bias, and no BatchNorm (AIMv2's pooling head has
+none; its tokens are RMS-normalised already). AdamW, linear warmup then cosine. Without augmentation the trunk
 runs once per image and the head trains on cached features. Reports held-out top-1 / top-5, the most-confused class
 pairs and a k-NN top-1 (cosine, k=20, temperature-weighted votes) on the same features. Writes to --out:
 head.safetensors (released `head.*` layout; `aimcore.load_model(trunk, head=...)` takes it), labels.json

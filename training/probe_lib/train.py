@@ -73,10 +73,19 @@ def lr_at(step: int, total: int, cfg: ProbeConfig) -> float:
 
 
 def build_head(trunk: AimModel, num_classes: int, cfg: ProbeConfig) -> AttentionPoolingClassifier:
-    """The released head layout at the trunk's width and head count. Small linear init, as linear probes use."""
+    """The released head layout at the trunk's width and head count. Small linear init, as linear probes use.
+
+    AIMv2 trunk: the same attention pooling over post_trunk_norm(mean of the probe layers), with no BatchNorm (the
+    tokens are already RMS-normalised; AIMv2's own pooling head has none) and a bias on the output linear, as in
+    AIMv2's released pooling head (AIMV2_FACTS §2)."""
     c = trunk.config
     head = AttentionPoolingClassifier(
-        c.embed_dim, num_classes, c.num_heads, linear_bias=cfg.linear_bias, eps=c.norm_eps
+        c.embed_dim,
+        num_classes,
+        c.num_heads,
+        linear_bias=cfg.linear_bias or c.is_v2,
+        eps=c.norm_eps,
+        batch_norm=c.head_batch_norm,
     )
     nn.init.trunc_normal_(head.linear.weight, std=0.01)
     if head.linear.bias is not None:
