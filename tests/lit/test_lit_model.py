@@ -139,3 +139,27 @@ def test_loads_transformers_folder_with_no_config_argument(tmp_path) -> None:
 def test_flat_remote_code_config_is_not_lit(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "aimv2", "hidden_size": 1024}))
     assert not is_lit_source(tmp_path)
+
+
+def test_released_lit_shapes() -> None:
+    """aimv2-large-patch14-224-lit (AIMV2_FACTS §2), on the meta device: Apple's keys and shapes."""
+    sd = build_lit_model("aimv2-large-patch14-224-lit", device="meta", init=False).state_dict()
+    assert sd["image_encoder.preprocessor.pos_embed"].shape == (1, 256, 1024)
+    assert sd["image_encoder.trunk.blocks.23.mlp.fc1.weight"].shape == (2816, 1024)
+    assert sd["image_encoder.head.linear.bias"].shape == (1024,) and "image_encoder.head.bn" not in str(list(sd))
+    assert sd["text_encoder.preprocessor.text_embedding.weight"].shape == (49408, 768)
+    assert sd["text_encoder.preprocessor.positional_embedding"].shape == (77, 768)
+    assert sd["text_encoder.trunk.blocks.11.mlp.fc2.weight"].shape == (768, 2048)
+    assert sd["image_projector.weight"].shape == (768, 1024) and sd["text_projector.weight"].shape == (768, 768)
+    assert sd["log_logit_scale"].shape == ()
+    assert not any(k.startswith("text_encoder.trunk.blocks.12.") for k in sd)
+
+
+def test_hub_id_offline_names_the_model(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    pytest.importorskip("huggingface_hub")
+    from aimcore import ModelUnavailableError, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelUnavailableError, match="aimv2-large-patch14-224-lit"):
+        load_model("apple/aimv2-large-patch14-224-lit")

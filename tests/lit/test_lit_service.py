@@ -185,3 +185,18 @@ def test_bad_zero_shot_requests(server: LiveServer) -> None:
         assert r.status_code == 422
         r = c.post("/search", json={"text": "a", "texts": ["b"]})
         assert r.status_code == 422
+
+
+def test_model_without_text_tower_answers_409(debug_checkpoint: Path) -> None:
+    """An image-only model: text inputs are refused with a stable code; image requests are unaffected."""
+    live = serve(Settings(model=str(debug_checkpoint)))
+    try:
+        with live.client() as c:
+            r = c.post("/embed", json={"texts": ["a cat"]})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "no_text_tower"
+            _, path = fashion_pairs()[0]
+            r = c.post("/classify", json={"images": [b64(path.read_bytes())], "labels": ["cat", "dog"]})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "no_text_tower"
+            assert c.get("/info").json()["text"]["enabled"] is False
+    finally:
+        live.stop()
