@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     )
     max_texts_per_request: int = Field(64, ge=1, le=4096, description="texts (or labels) in one request; beyond: 422")
     max_text_chars: int = Field(1000, ge=1, le=100_000, description="characters per text; beyond: 422")
+    max_labels_per_request: int = Field(
+        1000, ge=1, le=100_000, description="zero-shot /classify labels (ImageNet: 1000); beyond: 422"
+    )
     zero_shot_cache_size: int = Field(64, ge=0, description="label sets whose embeddings /classify keeps")
     ui_enabled: bool = Field(True, description="serve the search page at GET /ui")
 

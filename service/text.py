@@ -158,7 +158,8 @@ class TextService:
         return self.batcher
 
     def check_texts(self, texts: Sequence[Any], what: str = "texts") -> list[str]:
-        cap, chars = self.settings.max_texts_per_request, self.settings.max_text_chars
+        s = self.settings
+        cap, chars = (s.max_labels_per_request if what == "labels" else s.max_texts_per_request), s.max_text_chars
         if not texts:
             raise TextInputError(f"{what} is empty", code="no_texts")
         if len(texts) > cap:

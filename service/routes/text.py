@@ -28,7 +28,7 @@ __all__ = [
     "text_body",
 ]
 
-MAX_TEMPLATES = 32  # prompts per label: labels (max_texts_per_request) x templates texts are embedded once
+MAX_TEMPLATES = 32  # prompts per label: labels x templates texts are embedded once per label set (then cached)
 TEXT_KEYS = {"/embed": ("texts",), "/search": ("text", "texts"), "/classify": ("labels",)}
 
 
