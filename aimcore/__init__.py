@@ -1,4 +1,4 @@
-"""aimcore: the one AIM v1 model definition shared by training, export and the service.
+"""aimcore: the one AIM model definition (v1 and AIMv2, `AimConfig.family`) shared by training, export and the service.
 
 Public API (other packages and our checks use these names):
     AimConfig, FLAVORS, get_flavor, build_model, load_model, save_checkpoint, preprocess, PreprocessConfig,

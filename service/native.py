@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 from aimcore import PreprocessConfig
 from aimcore.config import MAX_NATIVE_PATCHES
@@ -31,7 +32,10 @@ def serving_preprocess(prep: PreprocessConfig, *, max_patches: int, buckets: boo
     if cap > MAX_NATIVE_PATCHES:
         raise ValueError(f"max_patches {cap} is more than the native encoder's maximum {MAX_NATIVE_PATCHES}")
     grids = aspect_buckets(cap) if buckets else ()
-    served = dataclasses.replace(prep, max_patches=cap, grid_buckets=grids)
+    # resize_size is unused by native resizing; the decoder reads it as the side its JPEG draft must keep (x2) and
+    # for the aspect-ratio guard, so make it the side of the square grid at this cap.
+    side = max(prep.img_size, math.isqrt(cap) * prep.patch_size)
+    served = dataclasses.replace(prep, max_patches=cap, grid_buckets=grids, resize_size=side)
     logger.info("native resolution: at most %d patches, grid buckets %s", cap, list(grids) or "off (own grid)")
     return served
 

@@ -255,3 +255,28 @@ def test_native_preprocessing_keeps_the_aspect_ratio_within_max_patches(tmp_path
     assert x.shape == (1, 3, 28, 56)
     with torch.no_grad():
         torch.testing.assert_close(model.features(x, outputs=("tokens",)).tokens, reference_tokens(ref, x), **TOL)
+
+
+def test_v2_flavor_and_hub_id_offline_name_the_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for source in ("aimv2-large-patch14-224", "apple/aimv2-large-patch14-224", "apple/aimv2-large-patch14-native"):
+        with pytest.raises(aimcore.ModelUnavailableError, match=r"apple/aimv2-large-patch14-(224|native).*OFFLINE"):
+            aimcore.load_model(source)
+
+
+def test_a_hub_snapshot_folder_loads_like_the_hub_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path is `_files_in(snapshot)`: point the snapshot at a transformers folder and load by hub id."""
+    import aimcore.sources as sources
+
+    ref = oracle(native=False)
+    folder = layout_folders(tmp_path, ref)["transformers"]
+    (folder / "preprocessor_config.json").write_text(json.dumps(HF_PREPROCESSOR))
+    asked: list[str] = []
+    monkeypatch.setattr(sources, "_snapshot_from_hub", lambda repo, patterns=None: asked.append(repo) or folder)
+    model = aimcore.load_model("apple/aimv2-large-patch14-224")
+    assert asked == ["apple/aimv2-large-patch14-224"]
+    assert model.preprocess_config.origin == "preprocessor_config.json"
+    x = images(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x, outputs=("tokens",)).tokens, reference_tokens(ref, x), **TOL)
