@@ -200,3 +200,27 @@ def test_model_without_text_tower_answers_409(debug_checkpoint: Path) -> None:
             assert c.get("/info").json()["text"]["enabled"] is False
     finally:
         live.stop()
+
+
+def test_offline_built_index_answers_text_queries(lit_folder: Path, tmp_path: Path) -> None:
+    """`python -m service.index build` with the LiT checkpoint stores its image vectors (recipe lit_image); the
+    service opens that index and a caption finds its image among all 30 test images."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "index"
+    cmd = [sys.executable, "-m", "service.index", "build", "--images", "tests/assets/fashion_mnist", "--out", str(out)]
+    cmd += ["--checkpoint", str(lit_folder), "--type", "flat", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    live = serve(Settings(model=str(lit_folder), index_path=str(out)))
+    try:
+        with live.client() as c:
+            best = c.post("/search", json={"text": caption("bag"), "k": 3}).json()["results"][0]
+            assert c.get("/index").json()["recipe"]["pooling"] == "lit_image"
+    finally:
+        live.stop()
+    assert best["ids"][0] == "bag__test_00018.png"  # the constructed pair (tests/lit/conftest.py)
