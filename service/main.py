@@ -24,6 +24,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import ApiKeyPolicy, ServiceMiddleware
 from service.retrieval import Retrieval
 from service.routes import inference, ops, search, ui
+from service.routes.text import TEXT_REQUESTS
 from service.schemas import ClassifyRequest, EmbedRequest
 from service.search_schemas import AddItemsRequest, SearchRequest
 from service.settings import Settings
@@ -42,7 +43,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (EmbedRequest, ClassifyRequest, SearchRequest, AddItemsRequest):
+    # The text bodies (LiT models) share the routes; declared as components so clients see their fields.
+    for model in (EmbedRequest, ClassifyRequest, SearchRequest, AddItemsRequest, *TEXT_REQUESTS):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(js.pop("$defs", {}))
         components[model.__name__] = js

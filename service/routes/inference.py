@@ -109,7 +109,8 @@ async def infer(
     openapi_extra=request_body("embed"),
     summary="Embed images",
     description="One vector per image: mean of the final-normed tokens (pooling=mean) or the head's attention-pooled "
-    "vector (pooling=probe), L2-normalised unless normalize=false. Images as JSON base64 or multipart `files`.",
+    "vector (pooling=probe), L2-normalised unless normalize=false. Images as JSON base64 or multipart `files`. "
+    "LiT models also take `texts` (TextEmbedRequest).",
 )
 async def embed(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()
@@ -140,7 +141,8 @@ async def embed(request: Request, engine: EngineDep) -> Response:
     responses={**_ERRORS, **error_responses(409)},
     openapi_extra=request_body("classify"),
     summary="Classify images",
-    description="Top-k labels, class indices and softmax probabilities per image (needs a classification head).",
+    description="Top-k labels, class indices and softmax probabilities per image (needs a classification head). "
+    "LiT models: zero-shot over the request's `labels` (ZeroShotRequest).",
 )
 async def classify(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()

@@ -83,7 +83,8 @@ def _result(hits: list[SearchHit]) -> dict[str, Any]:
     openapi_extra=index_request_body("search"),
     summary="Nearest neighbours of images, vectors or a stored item",
     description="Per query: ids, cosine scores and metadata of the k best items, optionally filtered by metadata "
-    "equality (`where`) and a score floor. Images as JSON base64 or multipart `files` (embedded like /embed).",
+    "equality (`where`) and a score floor. Images as JSON base64 or multipart `files` (embedded like /embed). "
+    "LiT models also take `text` or `texts` (TextSearchRequest).",
 )
 async def search(request: Request, engine: EngineDep, retrieval: RetrievalDep) -> JSONResponse:
     index = retrieval.require()

@@ -19,6 +19,7 @@ from service.routes.inference import _deadline, _unless_disconnected, infer
 from service.text import DEFAULT_TEMPLATES, TextInputError, TextService, zero_shot_probs
 
 __all__ = [
+    "TEXT_REQUESTS",
     "TextEmbedRequest",
     "TextSearchRequest",
     "ZeroShotRequest",
@@ -59,6 +60,9 @@ class ZeroShotRequest(BaseModel):
         None, min_length=1, description="prompt templates with one '{}' (default: the 8-prompt ensemble in /info)"
     )
     top_k: int = Field(5, ge=1, le=1000)
+
+
+TEXT_REQUESTS = (TextEmbedRequest, TextSearchRequest, ZeroShotRequest)
 
 
 async def text_body(request: Request) -> dict[str, Any] | None:
