@@ -71,6 +71,10 @@ def load_model(
     probe_layers: "best", "last" or block indices, overriding what the files imply.
     preprocess: the operator's override of the checkpoint's preprocessing (recorded with origin "override").
     """
+    from aimcore.lit_sources import is_lit_source, load_lit_model
+
+    if config is None and head is None and is_lit_source(source):  # AIMv2-LiT: two towers, no config needed
+        return load_lit_model(source, device=device)  # type: ignore[return-value]
     if isinstance(config, str):
         config = get_flavor(config)
     elif isinstance(config, Mapping):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from aimcore import CheckpointError, build_model, get_flavor, load_model, save_checkpoint
+from aimcore.lit_sources import is_lit_source, load_lit_model
 from aimcore.manifest import PROBE_GRAPH_DIR
 from export.onnx import DEFAULT_OPSET, export_onnx
 from export.parity import ParityError
@@ -63,6 +64,16 @@ def _random_source(flavor: str, out: Path, seed: int) -> Path:
 
 def cmd_onnx(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if not args.random_weights and is_lit_source(args.checkpoint):  # AIMv2-LiT: one graph per tower
+        from export.lit_onnx import LitParityError, export_lit_onnx
+
+        try:
+            manifest = export_lit_onnx(load_lit_model(args.checkpoint), out, max_batch=args.max_batch, opset=args.opset)
+        except LitParityError as exc:
+            logger.error("%s", exc)
+            return EXIT_FAILED
+        _emit({"directory": str(out), "kind": manifest["kind"], "parity": manifest["parity"]})
+        return 0
     source = _random_source(args.checkpoint, out, args.seed) if args.random_weights else args.checkpoint
     model = load_model(source)  # loaded once; load_model records its files, so every variant keeps provenance
     variants = [("fp32", out)]

@@ -65,6 +65,7 @@ class Engine:
         self.before_ready: list[Callable[[], Awaitable[None]]] = []
         self._load_task: asyncio.Task[None] | None = None
         self._recipes: dict[tuple[str, bool], dict[str, Any]] = {}
+        self.describers: dict[str, Callable[[], dict[str, Any]]] = {}  # extra /info sections
 
     # ----- lifecycle -----
     async def start(self) -> None:
@@ -304,6 +305,9 @@ class Engine:
             "precision": info.precision,
             "fingerprint": fingerprint,
         }
+        if output in info.extra.get("poolings", {}):  # a LiT image tower: its projected vector, not a trunk mean
+            recipe |= {"pooling": info.extra["poolings"][output], "dim": info.extra["output_dims"][output]}
+            recipe["norm"] = info.extra["recipe_norms"][output]
         self._recipes[key] = recipe
         return recipe
 
@@ -339,6 +343,7 @@ class Engine:
             "load_seconds": round(self.load_s, 3),
             "recipes": {p: self.recipe(p, True) for p in (("mean", "probe") if info.has_head else ("mean",))},
         }
+        out |= {name: describe() for name, describe in self.describers.items()}  # e.g. "text" (LiT)
         if self.batcher is not None:
             out["batching"] = {
                 "queue_depth": self.batcher.queue_depth,

@@ -23,12 +23,14 @@ from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import ApiKeyPolicy, ServiceMiddleware
 from service.retrieval import Retrieval
-from service.routes import analyze, inference, kserve, openai_compat, ops, search
+from service.routes import analyze, inference, kserve, openai_compat, ops, search, ui
 from service.routes.kserve_schemas import InferRequest
 from service.routes.openai_schemas import EmbeddingsRequest
+from service.routes.text import TEXT_REQUESTS
 from service.schemas import ClassifyRequest, EmbedRequest
 from service.search_schemas import AddItemsRequest, SearchRequest
 from service.settings import Settings
+from service.text import TextService
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -43,6 +45,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    # The text bodies (LiT models) share the routes; declared as components so clients see their fields.
     for model in (
         EmbedRequest,
         ClassifyRequest,
@@ -51,6 +54,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         EmbeddingsRequest,
         InferRequest,
         analyze.AnalyzeRequest,
+        *TEXT_REQUESTS,
     ):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(js.pop("$defs", {}))
@@ -73,6 +77,9 @@ def create_app(
     engine = Engine(settings, metrics, backend=backend)
     retrieval = Retrieval(settings, engine, metrics)
     engine.before_ready.append(retrieval.open)
+    text = TextService(settings, engine, metrics)  # LiT models: the text tower's batcher and self-check
+    engine.before_ready.append(text.open)
+    engine.describers["text"] = text.describe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,6 +90,7 @@ def create_app(
             try:
                 await engine.stop()
             finally:
+                await text.stop()
                 await retrieval.stop()
 
     app = FastAPI(
@@ -95,6 +103,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.retrieval = retrieval
+    app.state.text = text
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(ops.router)
@@ -102,6 +111,8 @@ def create_app(
     app.include_router(openai_compat.router)  # protocol adapters over the same pipeline (issue 15)
     app.include_router(kserve.router)
     app.include_router(analyze.router)
+    if settings.ui_enabled:
+        app.include_router(ui.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(

@@ -25,7 +25,10 @@ from service.metrics import ServiceMetrics
 
 __all__ = ["ApiKeyPolicy", "ServiceMiddleware"]
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+# The /ui page and its script hold no data (the page asks for the key itself and sends it with each search).
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ui", "/ui/app.js", "/ui/app.css"}
+)
 INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search", "/v1/embeddings", "/analyze"})
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STAGES = ("decode", "queue", "compute")

@@ -178,6 +178,18 @@ class Settings(BaseSettings):
     )
     autoselect_seconds: float = Field(2.0, gt=0, le=120, description="time budget for measuring all candidates")
 
+    # --- text (AIMv2-LiT models: text embeddings, text search, zero-shot classify) and the /ui page ---
+    text_tokenizer: str | None = Field(
+        None, description="folder with the LiT tokenizer files (default: those beside the checkpoint)"
+    )
+    max_texts_per_request: int = Field(64, ge=1, le=4096, description="texts (or labels) in one request; beyond: 422")
+    max_text_chars: int = Field(1000, ge=1, le=100_000, description="characters per text; beyond: 422")
+    max_labels_per_request: int = Field(
+        1000, ge=1, le=100_000, description="zero-shot /classify labels (ImageNet: 1000); beyond: 422"
+    )
+    zero_shot_cache_size: int = Field(64, ge=0, description="label sets whose embeddings /classify keeps")
+    ui_enabled: bool = Field(True, description="serve the search page at GET /ui")
+
     # ----- AIMv2 native resolution (issue 11; service/native.py) -----
     max_patches: int = Field(
         0, ge=0, le=4096, description="native-resolution models: patch cap per image (0: the checkpoint's own)"

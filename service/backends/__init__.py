@@ -23,9 +23,11 @@ import torch
 
 import aimcore
 from aimcore import AimModel, ModelUnavailableError, build_model, get_flavor, sha256_file
+from aimcore.lit_sources import is_lit_source
 from aimcore.manifest import MANIFEST_NAME, ExportManifest, read_manifest
 from aimcore.sources import BUNDLED_DIR
 from service.backends.base import BACKEND_OUTPUTS, BackendInfo, InferenceBackend
+from service.backends.lit_onnx import is_lit_export
 from service.backends.onnx_backend import onnx_providers
 from service.backends.torch_backend import TorchBackend, resolve_device
 from service.backends.trt_backend import tensorrt_available
@@ -224,7 +226,12 @@ def create_backend(settings: Settings) -> LoadedBackend:
     """Load what `settings` names on the backend it asks for (or the best present for `auto`)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    if settings.backend == "auto" and settings.autoselect:
+    if is_lit_export(settings.model):  # an AIMv2-LiT ONNX export: both towers on ONNX Runtime
+        from service.backends.lit_onnx import load_lit_onnx_backend
+
+        return load_lit_onnx_backend(settings)
+    lit_source = settings.model is not None and is_lit_source(settings.model)
+    if settings.backend == "auto" and settings.autoselect and not lit_source:
         selected = _autoselected(settings)
         if selected is not None:
             return selected
@@ -269,6 +276,10 @@ def create_backend(settings: Settings) -> LoadedBackend:
             f"backend {settings.backend} serves an exported artefact, and {settings.model or 'the default model'} is "
             "a checkpoint: export it first (python -m export ...) and pass the export directory as --model"
         )
+    if lit_source:  # AIMv2-LiT: image and text towers (not autoselected: one torch path serves both towers)
+        from service.backends.lit_backend import load_lit_backend
+
+        return load_lit_backend(settings)
     model, model_id, warnings = _load_torch_model(settings)
     device = resolve_device(settings.device)
     what = "random weights" if warnings else "a checkpoint, not an export"

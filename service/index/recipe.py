@@ -27,6 +27,9 @@ __all__ = ["IDENTITY_FIELDS", "OUTPUT_POOLING", "EmbeddingRecipe", "RecipeLike",
 IDENTITY_FIELDS = ("model_sha256", "pooling", "dim", "normalization", "attention", "preprocess")
 # Backend output name -> pooling name (aimcore.AimModel.embed's names).
 OUTPUT_POOLING = {"embedding": "mean", "pooled": "probe"}
+# AIMv2-LiT towers (service.backends.lit_backend): the image vector is the backend's "embedding" output; text vectors
+# come from the text tower. Distinct poolings, so the two towers' vectors never share an index.
+LIT_POOLING_OUTPUT = {"lit_image": "embedding", "lit_text": "text_embeds"}
 FINGERPRINT_PREFIX = "aimfp1-"
 
 
@@ -45,8 +48,9 @@ class EmbeddingRecipe:
     def __post_init__(self) -> None:
         if not self.model_sha256:
             raise ValueError("an embedding recipe needs the model checksum (model_sha256)")
-        if self.pooling not in OUTPUT_POOLING.values():
-            raise ValueError(f"pooling must be one of {sorted(OUTPUT_POOLING.values())}, got {self.pooling!r}")
+        poolings = [*OUTPUT_POOLING.values(), *LIT_POOLING_OUTPUT]
+        if self.pooling not in poolings:
+            raise ValueError(f"pooling must be one of {sorted(poolings)}, got {self.pooling!r}")
         if int(self.dim) <= 0:
             raise ValueError(f"dim must be positive, got {self.dim}")
         if self.normalization != "l2":
@@ -67,6 +71,8 @@ class EmbeddingRecipe:
     @property
     def output(self) -> str:
         """The backend output that carries these vectors ("embedding" or "pooled")."""
+        if self.pooling in LIT_POOLING_OUTPUT:
+            return LIT_POOLING_OUTPUT[self.pooling]
         return next(o for o, p in OUTPUT_POOLING.items() if p == self.pooling)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,8 +97,9 @@ class EmbeddingRecipe:
             raise ValueError(f"output must be one of {sorted(OUTPUT_POOLING)}, got {output!r}")
         return cls(
             model_sha256=str(info.extra.get("weights_sha256") or info.model_sha256),
-            pooling=OUTPUT_POOLING[output],
-            dim=info.config.embed_dim,
+            # A LiT backend names its own pooling and width ("embedding" is its projected image vector).
+            pooling=info.extra.get("poolings", {}).get(output) or OUTPUT_POOLING[output],
+            dim=int(info.extra.get("output_dims", {}).get(output) or info.config.embed_dim),
             preprocess=info.preprocess.to_dict(),
             model_id=info.model_id,
             backend=info.name,

@@ -60,6 +60,13 @@ def top_k_predictions(logits: np.ndarray, k: int, labels: list[str] | None) -> l
     ]
 
 
+def text_routes() -> Any:
+    """service.routes.text, imported late (it builds on this module's helpers)."""
+    from service.routes import text
+
+    return text
+
+
 def _deadline(request: Request, engine: Engine) -> float:
     """time.monotonic() deadline: X-Request-Timeout (seconds) capped by settings, else the default."""
     s = engine.settings
@@ -143,10 +150,13 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     openapi_extra=request_body("embed"),
     summary="Embed images",
     description="One vector per image: mean of the final-normed tokens (pooling=mean) or the head's attention-pooled "
-    "vector (pooling=probe), L2-normalised unless normalize=false. Images as JSON base64 or multipart `files`.",
+    "vector (pooling=probe), L2-normalised unless normalize=false. Images as JSON base64 or multipart `files`. "
+    "LiT models also take `texts` (TextEmbedRequest).",
 )
 async def embed(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()
+    if (body := await text_routes().text_body(request)) is not None:  # `texts`: the LiT text tower
+        return await text_routes().embed_texts(request, engine, body)
     inputs = await parse_inputs(request, EmbedRequest, engine.settings.max_images_per_request)
     pooling, normalize = inputs.options["pooling"], inputs.options["normalize"]
     vectors = await embed_vectors(request, engine, inputs.images, pooling, normalize)
@@ -166,10 +176,13 @@ async def embed(request: Request, engine: EngineDep) -> Response:
     responses={**_ERRORS, **error_responses(409)},
     openapi_extra=request_body("classify"),
     summary="Classify images",
-    description="Top-k labels, class indices and softmax probabilities per image (needs a classification head).",
+    description="Top-k labels, class indices and softmax probabilities per image (needs a classification head). "
+    "LiT models: zero-shot over the request's `labels` (ZeroShotRequest).",
 )
 async def classify(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()
+    if (body := await text_routes().text_body(request)) is not None:  # `labels`: zero-shot, even with a head
+        return await text_routes().classify_labels(request, engine, body)
     inputs = await parse_inputs(request, ClassifyRequest, engine.settings.max_images_per_request)
     info = engine.backend.info
     if not info.has_head:

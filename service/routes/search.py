@@ -17,7 +17,7 @@ from service.errors import InvalidRequestError, TooManyItemsError
 from service.index import ItemNotFoundError, SearchHit, VectorIndex
 from service.inputs import parse_inputs
 from service.retrieval import Retrieval
-from service.routes.inference import infer
+from service.routes.inference import infer, text_routes
 from service.schemas import ErrorResponse
 from service.search_schemas import (
     AddItemsRequest,
@@ -83,10 +83,13 @@ def _result(hits: list[SearchHit]) -> dict[str, Any]:
     openapi_extra=index_request_body("search"),
     summary="Nearest neighbours of images, vectors or a stored item",
     description="Per query: ids, cosine scores and metadata of the k best items, optionally filtered by metadata "
-    "equality (`where`) and a score floor. Images as JSON base64 or multipart `files` (embedded like /embed).",
+    "equality (`where`) and a score floor. Images as JSON base64 or multipart `files` (embedded like /embed). "
+    "LiT models also take `text` or `texts` (TextSearchRequest).",
 )
 async def search(request: Request, engine: EngineDep, retrieval: RetrievalDep) -> JSONResponse:
     index = retrieval.require()
+    if (body := await text_routes().text_body(request)) is not None:  # `text` / `texts`: the LiT text tower
+        return await text_routes().search_text(request, engine, body)
     inputs = await parse_inputs(request, SearchRequest, engine.settings.max_images_per_request)
     q = inputs.options
     knobs = {"where": q["where"], "score_threshold": q["score_threshold"]}
