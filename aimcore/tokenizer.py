@@ -48,6 +48,11 @@ class TextTokenizer:
         # Specials are added here, not by the file's post-processor, so truncation can keep EOS.
         self._tok.no_truncation()
         self._tok.no_padding()
+        # User text is never parsed for special tokens: a literal "<|endoftext|>" typed into a query would otherwise
+        # become EOS mid-text, and the tower pools the first EOS, so the rest of the text would be silently ignored
+        # (prompt injection into the vector). With this flag the literal is BPE-encoded as the characters it is.
+        # BOS/EOS are placed by `tokenize` by id, never through the text.
+        self._tok.encode_special_tokens = True
         bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
         if bos is None or eos is None:
             raise ValueError(f"the tokenizer has no {BOS_TOKEN} / {EOS_TOKEN} tokens: not a CLIP BPE vocabulary")

@@ -61,11 +61,29 @@ def _fetcher(request: Request, engine: Engine) -> UrlFetcher:
     return fetcher
 
 
-def _split_inputs(req: EmbeddingsRequest, engine: Engine) -> tuple[list[bytes | str], list[tuple[int, str]]]:
-    """(images, URLs to fetch as (index, url)): every input is an image; anything else is refused by name."""
+class _Inputs:
+    """One request's inputs by tower, in request order: `images[i]` and `urls` (index, url) for the image tower,
+    `texts` (index, text) for a LiT text tower; `order` says which tower answers each position."""
+
+    def __init__(self) -> None:
+        self.images: list[bytes | str] = []
+        self.image_at: list[int] = []  # request position of each entry of `images`
+        self.urls: list[tuple[int, str]] = []  # (position in `images`, url)
+        self.texts: list[str] = []
+        self.text_at: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.images) + len(self.texts)
+
+
+def _split_inputs(req: EmbeddingsRequest, engine: Engine, text_ok: bool) -> _Inputs:
+    """Sort each input to its tower; anything neither tower takes is refused by name. A bare string is a text when
+    the model has a text tower (what the openai SDK sends for `input="a photo of a cat"`), a base64 image with
+    `modality=image`, and refused otherwise; data: URIs, URLs and `{"image": ...}` objects are always images."""
     items = [req.input] if isinstance(req.input, str) else req.input
     if not items:
-        raise ParamError("input is empty: send one or more images", param="input")
+        raise ParamError("input is empty: send one or more images or texts", param="input")
     cap = engine.settings.max_images_per_request
     if len(items) > cap:
         raise ParamError(
@@ -74,25 +92,34 @@ def _split_inputs(req: EmbeddingsRequest, engine: Engine) -> tuple[list[bytes | 
             code="too_many_images",
             http_status=413,
         )
-    if req.modality == "text":
-        raise ParamError("this model embeds images, not text: send images with modality=image", param="modality")
-    images: list[bytes | str] = []
-    urls: list[tuple[int, str]] = []
+    if req.modality == "text" and not text_ok:
+        raise ParamError(
+            "this model embeds images, not text (it has no LiT text tower): send images with modality=image",
+            param="modality",
+        )
+    out = _Inputs()
     for i, item in enumerate(items):
         if isinstance(item, ImageInput):
             value = item.image
+        elif isinstance(item, str) and req.modality == "text":
+            out.texts.append(item)
+            out.text_at.append(i)
+            continue
         elif isinstance(item, str) and (req.modality == "image" or item.startswith(("data:", *_URL_PREFIXES))):
             value = item
+        elif isinstance(item, str) and text_ok:
+            out.texts.append(item)
+            out.text_at.append(i)
+            continue
         elif isinstance(item, str):
             raise ParamError(
-                f"input[{i}] is a bare string: for images send modality=image with base64 strings, "
-                'data:image/...;base64, URIs, or {"image": ...} objects',
+                f"input[{i}] is a bare string and this model has no text tower: for images send modality=image with "
+                'base64 strings, data:image/...;base64, URIs, or {"image": ...} objects',
                 param=f"input[{i}]",
             )
         else:
-            raise ParamError(
-                f"input[{i}]: token arrays are not accepted; this model embeds images", param=f"input[{i}]"
-            )
+            what = "send texts as strings" if text_ok else "this model embeds images"
+            raise ParamError(f"input[{i}]: token arrays are not accepted; {what}", param=f"input[{i}]")
         if value.startswith(_URL_PREFIXES):
             if not engine.settings.url_fetch:
                 raise ParamError(
@@ -101,11 +128,11 @@ def _split_inputs(req: EmbeddingsRequest, engine: Engine) -> tuple[list[bytes | 
                     param=f"input[{i}]",
                     code="url_fetch_disabled",
                 )
-            urls.append((i, value))
-            images.append(b"")
-        else:
-            images.append(value)
-    return images, urls
+            out.urls.append((len(out.images), value))
+            value = ""
+        out.images.append(value)
+        out.image_at.append(i)
+    return out
 
 
 def _encode(vectors: np.ndarray, encoding: str) -> list[Any]:
@@ -124,16 +151,17 @@ def _encode(vectors: np.ndarray, encoding: str) -> list[Any]:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}},
         }
     },
-    summary="Embed images (OpenAI embeddings API)",
+    summary="Embed images, and texts on a LiT model (OpenAI embeddings API)",
     description="The vectors /embed answers (pooling mean by default, L2-normalised), in OpenAI's response shape. "
     'Inputs: base64 strings with `"modality": "image"`, data:image/...;base64, URIs, `[{"image": ...}]` objects, '
-    "or http(s) URLs when URL fetching is on (allow-listed hosts, public addresses only).",
+    "or http(s) URLs when URL fetching is on (allow-listed hosts, public addresses only). On an AIMv2-LiT model, "
+    "bare strings (or any string with `modality=text`) are texts, embedded by the text tower into the same space.",
 )
 async def embeddings(request: Request, engine: EngineDep) -> Response:
     engine.admission_precheck()
     req = await read_json(request, EmbeddingsRequest)
     name = check_model(engine, req.model)
-    dim = engine.backend.info.config.embed_dim
+    dim = int(engine.recipe(req.pooling, True)["dim"]) if req.dimensions is not None else 0
     if req.dimensions is not None and req.dimensions != dim:
         raise ParamError(
             f"dimensions={req.dimensions} is not available: this model's vectors have {dim} dimensions (omit it, or "
@@ -141,20 +169,36 @@ async def embeddings(request: Request, engine: EngineDep) -> Response:
             param="dimensions",
             code="unsupported_dimensions",
         )
-    images, urls = _split_inputs(req, engine)
-    if urls:
-        for i, data in (await _fetcher(request, engine).fetch_all(urls)).items():
+    text = getattr(request.app.state, "text", None)
+    text_ok = text is not None and text.batcher is not None
+    inputs = _split_inputs(req, engine, text_ok)
+    if inputs.texts and req.pooling != "mean":
+        raise ParamError("texts have one pooling (the LiT text tower's): omit pooling or send mean", param="pooling")
+    if inputs.urls:
+        fetched = await _fetcher(request, engine).fetch_all(inputs.urls)
+        for i, data in fetched.items():
             if not data:
-                raise ImageError("the URL returned an empty body", code="empty_image", index=i)
-            images[i] = data
-    vectors = await embed_vectors(request, engine, images, req.pooling, True)  # (n, D), as /embed's
+                raise ImageError("the URL returned an empty body", code="empty_image", index=inputs.image_at[i])
+            inputs.images[i] = data
+    rows: list[np.ndarray] = [np.empty(0, np.float32)] * inputs.count  # (D,) each, in request order
     cfg = engine.backend.info.config
-    tokens = len(images) * (cfg.img_size // cfg.patch_size) ** 2
+    tokens = len(inputs.images) * (cfg.img_size // cfg.patch_size) ** 2
+    if inputs.images:
+        vectors = await embed_vectors(request, engine, inputs.images, req.pooling, True)  # (n_images, D)
+        for i, row in zip(inputs.image_at, vectors, strict=True):
+            rows[i] = row
+    if inputs.texts:  # the LiT text tower, into the image tower's shared space (both L2-normalised)
+        from service.routes.text import embed_text_vectors
+
+        vectors = await embed_text_vectors(request, engine, inputs.texts)  # (n_texts, P), P == D for LiT
+        for i, row in zip(inputs.text_at, vectors, strict=True):
+            rows[i] = row
+        tokens += sum(len(text.tokenizer.tokenize(t)) for t in inputs.texts)
     body = {
         "object": "list",
         "data": [
             {"object": "embedding", "index": i, "embedding": e}
-            for i, e in enumerate(_encode(vectors, req.encoding_format))
+            for i, e in enumerate(_encode(np.stack(rows), req.encoding_format))
         ],
         "model": name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},

@@ -31,7 +31,8 @@ class EmbeddingsRequest(BaseModel):
     input: str | list[str | ImageInput | int | list[int]] = Field(
         ...,
         description="images: base64 strings (with modality=image), data:image/...;base64, URIs, "
-        '[{"image": ...}] objects (Jina), or http(s) URLs when the operator turns URL fetching on',
+        '[{"image": ...}] objects (Jina), or http(s) URLs when the operator turns URL fetching on; on an '
+        "AIMv2-LiT model, bare strings are texts (the text tower)",
     )
     model: str = Field(..., description="the served model's name (GET /v1/models)")
     encoding_format: Literal["float", "base64"] = Field(

@@ -24,6 +24,7 @@ __all__ = [
     "TextSearchRequest",
     "ZeroShotRequest",
     "classify_labels",
+    "embed_text_vectors",
     "embed_texts",
     "search_text",
     "text_body",
@@ -103,6 +104,11 @@ async def _embed(request: Request, engine: Engine, texts: list[str]) -> np.ndarr
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+async def embed_text_vectors(request: Request, engine: Engine, texts: list[str]) -> np.ndarray:
+    """(n, P) unit text vectors, as /embed answers them for `texts`; the OpenAI adapter calls this too."""
+    return _unit(await _embed(request, engine, texts))
 
 
 async def embed_texts(request: Request, engine: Engine, body: dict[str, Any]) -> JSONResponse:

@@ -224,3 +224,35 @@ def test_offline_built_index_answers_text_queries(lit_folder: Path, tmp_path: Pa
     finally:
         live.stop()
     assert best["ids"][0] == "bag__test_00018.png"  # the constructed pair (tests/lit/conftest.py)
+
+
+def test_openai_sdk_embeds_texts_with_the_text_tower(server: LiveServer) -> None:
+    """The real `openai` SDK (`input="..."`, base64 encoding by default) gets the LiT text vectors /embed gives,
+    and a mixed request keeps each input's place and tower."""
+    import openai
+
+    _, path = fashion_pairs()[1]
+    texts = ["a photo of a bag", "sneaker"]
+    with server.client() as c:
+        name = c.get("/v1/models").json()["data"][0]["id"]
+        ref = np.asarray(c.post("/embed", json={"texts": texts}).json()["embeddings"])
+        image_ref = np.asarray(c.post("/embed", json={"images": [b64(path.read_bytes())]}).json()["embeddings"][0])
+        mixed = c.post(
+            "/v1/embeddings", json={"model": name, "input": [texts[0], {"image": b64(path.read_bytes())}, texts[1]]}
+        )
+        assert mixed.status_code == 200, mixed.text
+        text_only = c.post("/v1/embeddings", json={"model": name, "input": texts, "modality": "text"})
+        assert text_only.status_code == 200, text_only.text
+        tokens = c.post("/v1/embeddings", json={"model": name, "input": [[1, 2, 3]]})
+        assert tokens.status_code == 400 and "send texts as strings" in tokens.json()["error"]["message"]
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    got = sdk.embeddings.create(model=name, input=texts)
+    vectors = np.asarray([d.embedding for d in got.data])
+    np.testing.assert_allclose(vectors, ref, rtol=0, atol=1e-6)
+    assert got.usage.prompt_tokens > 0
+    data = mixed.json()["data"]
+    assert [d["index"] for d in data] == [0, 1, 2]
+    np.testing.assert_allclose(np.asarray(data[0]["embedding"]), ref[0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(data[1]["embedding"]), image_ref, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(data[2]["embedding"]), ref[1], atol=1e-6)
+    np.testing.assert_allclose(np.asarray([d["embedding"] for d in text_only.json()["data"]]), ref, atol=1e-6)

@@ -78,3 +78,17 @@ def test_folder_sources_agree(tmp_path) -> None:
     assert from_pair[:, :16].tolist() == np.where(from_json[:, :16] == 0, vocab["!"], from_json[:, :16]).tolist()
     with pytest.raises(FileNotFoundError):
         TextTokenizer.from_dir(tmp_path)
+
+
+def test_special_tokens_typed_in_user_text_are_plain_text() -> None:
+    """A literal `<|endoftext|>` in a query must not become EOS (the tower pools the first EOS, so everything after
+    it would be dropped from the vector): it is encoded as characters, and the only EOS is the one we place."""
+    tok = small_tokenizer()
+    for text in ("a cat <|endoftext|> dog", "<|startoftext|>a cat", "a cat<|endoftext|>"):
+        row = tok([text])[0].tolist()
+        body = row[1 : row.index(tok.eos_id)]
+        assert tok.eos_id not in body and tok.bos_id not in body, text
+        assert row[0] == tok.bos_id and row.count(tok.eos_id) == 1
+    injected = tok(["a cat <|endoftext|> dog"])[0].tolist()
+    plain = tok(["a cat"])[0].tolist()
+    assert injected != plain  # the words after the literal still reach the tower
