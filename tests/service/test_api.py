@@ -27,9 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 
 @pytest.fixture(scope="module")
 def server(debug_checkpoint: Path) -> Iterator[LiveServer]:
-    live = serve(Settings(model=str(debug_checkpoint), max_wait_ms=2, max_batch_size=16))
-    yield live
-    live.stop()
+    with serve(Settings(model=str(debug_checkpoint), max_wait_ms=2, max_batch_size=16)) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -74,9 +74,8 @@ def test_tensorrt_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def onnx_server(onnx_dir: Path) -> Iterator[LiveServer]:
-    live = serve(Settings(model=str(onnx_dir), max_batch_size=8, max_wait_ms=2))
-    yield live
-    live.stop()
+    with serve(Settings(model=str(onnx_dir), max_batch_size=8, max_wait_ms=2)) as live:
+        yield live
 
 
 def test_served_onnx_equals_torch_offline(

@@ -36,9 +36,8 @@ def server(debug_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         api_keys=KEY,
         index_recall_check_interval_s=0,
     )
-    live = serve(settings)
-    yield live
-    live.stop()
+    with serve(settings) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,10 @@ MODEL = "aim-debug"
 
 @pytest.fixture(scope="module")
 def server(debug_checkpoint: Path) -> Iterator[LiveServer]:
-    live = serve(Settings(model=str(debug_checkpoint), max_wait_ms=2, max_batch_size=16, max_images_per_request=8))
-    yield live
-    live.stop()
+    with serve(
+        Settings(model=str(debug_checkpoint), max_wait_ms=2, max_batch_size=16, max_images_per_request=8)
+    ) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

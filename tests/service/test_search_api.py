@@ -30,9 +30,8 @@ def server(debug_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         index_recall_check_interval_s=0.3,
         index_max_items_per_request=MAX_ITEMS,
     )
-    live = serve(settings)
-    yield live
-    live.stop()
+    with serve(settings) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

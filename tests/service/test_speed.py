@@ -33,9 +33,8 @@ def server(debug_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         api_keys=KEY,
         autoselect_seconds=1.0,
     )
-    live = serve(settings)
-    yield live
-    live.stop()
+    with serve(settings) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
