@@ -59,6 +59,7 @@ class Engine:
         self.decoder: ImageDecoder | None = None
         self.golden: GoldenReport | None = None
         self.load_s = 0.0
+        self._licence_found: dict[str, Any] | None = None
         self.on_fatal: Callable[[str], None] | None = None  # the CLI exits the process on a failed start
         # Run after the batcher starts and before "ready" (the index opens here: it needs the loaded model's
         # recipe, and readiness must wait for it). A hook that raises fails the start like a load error.
@@ -311,6 +312,15 @@ class Engine:
         self._recipes[key] = recipe
         return recipe
 
+    def _licence(self) -> dict[str, Any]:
+        """The served weights' licence (aimcore.licence), looked up once."""
+        if self._licence_found is None:
+            from aimcore.licence import licence_of
+
+            cfg = self.loaded.backend.info.config
+            self._licence_found = licence_of(self.settings.model, cfg.name, family=getattr(cfg, "family", "aim"))
+        return self._licence_found
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status, "reason": self.reason, "settings": self.settings.public_dict()}
         if self.loaded is None:
@@ -328,6 +338,7 @@ class Engine:
                 "num_classes": cfg.num_classes,
                 "labels": len(info.labels) if info.labels else None,
                 "preprocess": info.preprocess.to_dict(),
+                "licence": self._licence(),
                 "warnings": self.loaded.warnings,
             },
             "backend": {

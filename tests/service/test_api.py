@@ -156,6 +156,8 @@ def test_ops_endpoints(server: LiveServer) -> None:
         assert info["self_check"]["status"] == "passed" and info["self_check"]["batch_size"] == 16
         assert info["self_check"]["min_cosine"]["embedding"] > 0.9999
         assert set(info["recipes"]) == {"mean", "probe"}
+        # A debug checkpoint folder with no card: the licence is said to be unknown, not left out.
+        assert info["model"]["licence"]["id"] is None and "check the licence" in info["model"]["licence"]["from"]
         client.post("/embed", json={"images": ["%%%"]})
         text = client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
