@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from aimcore.config import FLAVORS, AimConfig
-from aimcore.fsio import atomic_path
+from aimcore.fsio import save_safetensors
 from aimcore.layouts import LayoutError, convert_to_ours
 from aimcore.model import AimModel, build_model
 from aimcore.preprocess import PreprocessConfig, default_preprocess_config, from_hf_preprocessor
@@ -371,8 +371,6 @@ def save_checkpoint(
     the model and its input pipeline. `include_trunk=False` writes a head file (only `head.*` keys, the released
     head layout) whose metadata still holds the full config: `load_model(trunk, head=that_file)` takes it.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if not (include_head or include_trunk):
         raise ValueError("nothing to save: include_head and include_trunk are both False")
@@ -398,8 +396,7 @@ def save_checkpoint(
     }
     if labels is not None and config.has_head:
         meta["labels"] = json.dumps(list(labels))
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)  # byte-deterministic: same weights, same sha256
     return path
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from aimcore.checkpoint import WEIGHT_SUFFIXES, CheckpointError, read_weights
+from aimcore.fsio import save_safetensors
 from aimcore.lit import LIT_FLAVORS, LitConfig, LitModel, build_lit_model
 from aimcore.lit_layouts import detect_lit_layout, is_lit_hf_config, lit_config_from_hf, lit_from_transformers
 from aimcore.preprocess import PreprocessConfig, default_preprocess_config, from_hf_preprocessor
@@ -140,14 +141,11 @@ def _preprocess(folder: Path, cfg: LitConfig, stored: dict[str, Any] | None) -> 
 
 def save_lit_checkpoint(model: LitModel, path: str | os.PathLike[str]) -> Path:
     """Apple-layout safetensors with the config in the metadata: `load_lit_model(path)` rebuilds it alone."""
-    from safetensors.torch import save_file
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": LIT_FORMAT, "config": json.dumps(model.config.to_dict())}
     prep = getattr(model, "preprocess_config", None)
     if prep is not None:
         meta["preprocess"] = json.dumps(prep.to_dict())
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, metadata=meta)
     return path

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--train-min", type=int, default=IndexConfig.train_min)
     build.add_argument("--pq-m", type=int, default=None)
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument(
+        "--rebuild-stale",
+        action="store_true",
+        help="an existing index of another model or recipe is rebuilt from scratch instead of refused",
+    )
     info = sub.add_parser("info", help="print an index's stats as JSON")
     info.add_argument("index")
     parser.add_argument("--log-level", default="INFO")
@@ -83,7 +88,9 @@ def _build(args: argparse.Namespace) -> int:
         loaded.backend, output=args.output, max_batch_size=settings.max_batch_size, decode_workers=args.decode_workers
     )
     try:
-        report = build_index(args.images, args.out, embedder, config, progress=not args.no_progress)
+        report = build_index(
+            args.images, args.out, embedder, config, progress=not args.no_progress, rebuild_stale=args.rebuild_stale
+        )
     finally:
         embedder.close()
         loaded.backend.close()

@@ -5,6 +5,9 @@
   so an interrupted build continues where it stopped.
 - Corrupt, truncated or unsupported files are skipped, logged and listed in `<index>/build-report.json`.
 - IVF kinds train automatically once `train_min` vectors are in; a smaller collection is trained at the end.
+- Idempotent (a pipeline re-runs it): an index already holding every image with this model's recipe is left as it
+  is, even while a service holds it open; with `rebuild_stale`, an index of another model is rebuilt from scratch
+  instead of refused (RecipeMismatchError).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +27,7 @@ from tqdm import tqdm
 from aimcore.fsio import atomic_write_text
 from service.index.config import IndexConfig
 from service.index.embedder import ImageEmbedder
+from service.index.errors import IndexLockedError, RecipeMismatchError
 from service.index.index import VectorIndex
 from service.index.snapshot import MANIFEST_NAME
 
@@ -72,11 +77,13 @@ def build_index(
     chunk_size: int | None = None,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    rebuild_stale: bool = False,
 ) -> BuildReport:
     """Embed every image under `images` not yet in the index at `out` (created with `config` if absent).
 
     An existing index must have been built with the embedder's recipe (RecipeMismatchError otherwise) and, when
-    `config` is given, of the same kind. on_chunk(n_added_so_far) runs after each durable chunk (tests use it)."""
+    `config` is given, of the same kind; `rebuild_stale` replaces one of another recipe by a new build instead.
+    on_chunk(n_added_so_far) runs after each durable chunk (tests use it)."""
     started = time.perf_counter()
     root = Path(images)
     if not root.is_dir():
@@ -84,7 +91,10 @@ def build_index(
     recipe = embedder.recipe
     out = Path(out)
     if (out / MANIFEST_NAME).exists():
-        index = VectorIndex.open(out)
+        try:
+            index = VectorIndex.open(out)
+        except IndexLockedError:
+            return _current_or_raise(root, out, embedder, started)
         if config is not None and config.kind != index.config.kind:
             index.close(snapshot=False)
             raise ValueError(
@@ -93,10 +103,18 @@ def build_index(
             )
         try:
             index.check_recipe(recipe, "resume this build")
+        except RecipeMismatchError:
+            index.close(snapshot=False)
+            if not rebuild_stale:
+                raise
+            logger.warning("%s was built with another model or recipe: rebuilding it from scratch", out)
+            _remove_index(out)
+            index = VectorIndex.create(out, recipe, config or IndexConfig())
         except Exception:
             index.close(snapshot=False)
             raise
-        logger.info("resuming %s: %d items already indexed", out, len(index))
+        else:
+            logger.info("resuming %s: %d items already indexed", out, len(index))
     else:
         index = VectorIndex.create(out, recipe, config or IndexConfig())
     report = BuildReport(recipe_fingerprint=recipe.fingerprint)
@@ -143,6 +161,41 @@ def build_index(
         report.images_per_s,
     )
     return report
+
+
+def _current_or_raise(root: Path, out: Path, embedder: ImageEmbedder, started: float) -> BuildReport:
+    """The index is open for writing in another process (a running service): fine when it already holds every
+    image with this recipe (nothing to write), else the lock error, saying what to do."""
+    with VectorIndex.open(out, read_only=True) as index:
+        index.check_recipe(embedder.recipe, "resume this build")
+        files = find_images(root)
+        skipped = _last_skipped(out)  # unreadable last time: retried by a writable build, not worth an error
+        missing = sum(i not in index and i not in skipped for i in (p.relative_to(root).as_posix() for p in files))
+        size = len(index)
+    if missing:
+        raise IndexLockedError(
+            f"index {out} is open for writing in another process (a running service?) and lacks {missing} of the "
+            f"{len(files)} images: stop that process and run the build again"
+        )
+    logger.info("index %s is up to date (%d items, open in another process): nothing to do", out, size)
+    report = BuildReport(images_found=len(files), already_indexed=len(files), index_size=size)
+    report.recipe_fingerprint, report.seconds = embedder.recipe.fingerprint, time.perf_counter() - started
+    return report
+
+
+def _last_skipped(out: Path) -> set[str]:
+    try:
+        return {item["id"] for item in json.loads((out / REPORT_NAME).read_text())["skipped"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _remove_index(out: Path) -> None:
+    """Move the stale index aside before deleting it, so a crash midway never leaves a half-deleted index that
+    `open` would try to read."""
+    aside = out.with_name(f".{out.name}.stale-{os.getpid()}")
+    os.replace(out, aside)
+    shutil.rmtree(aside)
 
 
 def _embed_chunk(

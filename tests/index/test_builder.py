@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 import aimcore
 from service.backends.torch_backend import TorchBackend
-from service.index import RecipeMismatchError, VectorIndex
+from service.index import IndexLockedError, RecipeMismatchError, VectorIndex
 from service.index.__main__ import main
 from service.index.builder import build_index
 from service.index.embedder import ImageEmbedder
@@ -144,3 +144,38 @@ def test_resume_with_another_model_is_refused(image_dir: Path, tmp_path: Path, e
             build_index(image_dir, out, other_embedder, progress=False)
     finally:
         other_embedder.close()
+
+
+def test_rebuild_stale_replaces_an_index_of_another_model(
+    image_dir: Path, tmp_path: Path, embedder: ImageEmbedder
+) -> None:
+    """Issue 12: a pipeline re-run after the model changed rebuilds the index instead of failing."""
+    out = tmp_path / "index"
+    build_index(image_dir, out, embedder, small_config("flat"), progress=False)
+    torch.manual_seed(123)
+    other = aimcore.build_model(aimcore.get_flavor("aim-debug")).eval()
+    other_embedder = ImageEmbedder(TorchBackend(other, model_id="other", max_batch_size=4))
+    try:
+        report = build_index(image_dir, out, other_embedder, small_config("flat"), progress=False, rebuild_stale=True)
+        assert report.already_indexed == 0 and report.added == report.index_size > 0
+        with VectorIndex.open(out, read_only=True) as index:
+            index.check_recipe(other_embedder.recipe, "search")  # the new model's index, whole
+            assert len(index) == report.index_size
+        assert not [p for p in tmp_path.iterdir() if ".stale-" in p.name]
+    finally:
+        other_embedder.close()
+
+
+def test_build_of_an_index_open_in_a_service_is_a_no_op_when_current(
+    image_dir: Path, tmp_path: Path, embedder: ImageEmbedder
+) -> None:
+    """The pipeline's build-index re-runs while its service holds the index's write lock: nothing to add, so no
+    error; with an image missing, the lock error says what to do."""
+    out = tmp_path / "index"
+    build_index(image_dir, out, embedder, small_config("flat"), progress=False)
+    with VectorIndex.open(out):  # the running service
+        report = build_index(image_dir, out, embedder, small_config("flat"), progress=False)
+        assert report.added == 0 and report.already_indexed == report.images_found
+        (image_dir / "home" / "new.png").write_bytes(encode(make_photo(200, 160, seed=9), "PNG"))
+        with pytest.raises(IndexLockedError, match="stop that process"):
+            build_index(image_dir, out, embedder, small_config("flat"), progress=False)
