@@ -266,3 +266,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_same_weights_saved_twice_are_the_same_bytes(debug_model, tmp_path) -> None:
+    """safetensors keeps `__metadata__` in a hash map (random order per process and call): our saves sort the
+    header so the file hash, and every cache or pipeline step keyed on it, is stable."""
+    import hashlib
+
+    from aimcore.fsio import save_safetensors
+
+    digests = set()
+    for i in range(6):
+        aimcore.save_checkpoint(debug_model, tmp_path / f"m{i}.safetensors", labels=[f"c{j}" for j in range(10)])
+        digests.add(hashlib.sha256((tmp_path / f"m{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    meta = {f"key{k}": "v" * k for k in range(40)}
+    tensors = {"b": torch.ones(3), "a": torch.zeros(2, 2)}
+    files = [save_safetensors(tensors, tmp_path / f"t{i}.safetensors", metadata=meta).read_bytes() for i in range(6)]
+    assert len(set(files)) == 1
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "t0.safetensors"))["a"], tensors["a"])
