@@ -37,6 +37,7 @@ __all__ = [
     "preprocess",
     "preprocess_batch",
     "resize_shorter_side",
+    "to_8bit",
     "to_rgb",
 ]
 
@@ -173,24 +174,48 @@ def native_grid(width: int, height: int, patch_size: int, max_patches: int) -> t
     return gw, gh
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation, then convert to 8-bit RGB.
+# 0..65535 -> 0..255, rounded: (v + 128) // 257 as one table lookup per pixel, so 16-bit images never widen to int64.
+_LUT16 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+_STRIP_PIXELS = 1 << 22  # rows converted at a time: temporaries stay ~16 MB whatever the image size
+
+
+def _rescale_wide(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grayscale -> 8-bit "L", in row strips (memory: the source plus one 8-bit copy).
+
+    A 40-megapixel 16-bit PNG used to cost ~1 GB here (int64 copies and temporaries of the whole image)."""
+    w, h = image.size
+    out = np.empty((h, w), dtype=np.uint8)
+    step = max(1, _STRIP_PIXELS // max(1, w))
+    for top in range(0, h, step):
+        strip = np.asarray(image.crop((0, top, w, min(h, top + step))))  # (rows, w), uint16 / int32 / float32
+        if image.mode == "F":
+            out[top : top + step] = np.clip(np.rint(strip), 0, 255).astype(np.uint8)
+        else:
+            out[top : top + step] = _LUT16[np.clip(strip, 0, 65535) if strip.dtype.kind == "i" else strip]
+    return Image.fromarray(out)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, then give an 8-bit image: "L" for grayscale (kept single-band, so that large
+    grayscale images are resized at a third of the RGB cost; resizing then converting is bit-identical to
+    converting then resizing, every band being resampled alike) and "RGB" for everything else.
 
     Most modes go through PIL's `convert("RGB")`, as the reference serving path does (alpha is dropped, palette and
     CMYK are expanded). 16-bit and 32-bit integer grayscale are rescaled to 8 bits first, because PIL's direct
     conversion clips them at 255 and would turn most real 16-bit images white.
     """
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.int64)
-        scaled = (np.clip(values, 0, 65535) + 128) // 257  # 0..65535 -> 0..255, rounded
-        image = Image.fromarray(scaled.astype(np.uint8))
-    elif image.mode == "F":
-        values = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-    if image.mode != "RGB":
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = _rescale_wide(image)
+    if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, then convert to 8-bit RGB (`to_8bit`, grayscale expanded to three bands)."""
+    image = to_8bit(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resize_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
@@ -258,8 +283,9 @@ def preprocess(image: Image.Image, config: PreprocessConfig | None = None) -> np
             "preprocess(image, model.preprocess_config)"
         )
     cfg = config
-    rgb = to_rgb(image)
-    rgb = _resize_native(rgb, cfg) if cfg.mode == "native" else _resize_crop(rgb, cfg)
+    small = to_8bit(image)  # "L" or "RGB"
+    small = _resize_native(small, cfg) if cfg.mode == "native" else _resize_crop(small, cfg)
+    rgb = small if small.mode == "RGB" else small.convert("RGB")
     pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # (3, S, S) in [0, 255]
     pixels /= np.float32(255.0)
     mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]

@@ -126,3 +126,28 @@ def test_config_round_trip_and_validation() -> None:
     with pytest.raises(ValueError, match="bicubic"):
         PreprocessConfig(interpolation="bilinear")
     assert math.ceil(224 / 0.875) == 256
+
+
+def test_16bit_grayscale_decodes_without_widening_the_whole_image() -> None:
+    """A 10-megapixel 16-bit PNG used to be widened to int64 with temporaries (~32 bytes a pixel of numpy memory;
+    40 MP cost ~1 GB in the service). Now it is rescaled through a lookup table in row strips: numpy memory stays
+    near one 8-bit copy, and the values are the same rounding as before ((v + 128) // 257)."""
+    import io
+    import tracemalloc
+
+    from aimcore.preprocess import to_8bit
+
+    w, h = 4000, 2500
+    values = (np.add.outer(np.arange(h, dtype=np.uint32) * 7, np.arange(w, dtype=np.uint32) * 13) % 65536).astype(
+        np.uint16
+    )
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "PNG")
+    image = Image.open(io.BytesIO(buf.getvalue()))
+    image.load()
+    tracemalloc.start()
+    out = to_8bit(image)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert out.mode == "L" and peak < 6 * w * h, f"{peak / (w * h):.1f} bytes of numpy memory per pixel"
+    np.testing.assert_array_equal(np.asarray(out), ((values.astype(np.int64) + 128) // 257).astype(np.uint8))
