@@ -29,6 +29,7 @@ import numpy as np
 from service.backends.base import InferenceBackend
 from service.errors import DeadlineExceededError, InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import ServiceMetrics
+from service.priority import lower_thread_priority
 
 __all__ = ["BatchResult", "DynamicBatcher", "Reservation"]
 
@@ -89,6 +90,7 @@ class DynamicBatcher:
         max_wait_s: float,
         max_queue: int,
         metrics: ServiceMetrics | None = None,
+        nice: int = 0,
     ) -> None:
         self.backend = backend
         self.max_batch_size = max_batch_size
@@ -98,7 +100,9 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._admitted = 0  # images between admission and compute start (decoding or queued)
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aim-compute")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="aim-compute", initializer=lower_thread_priority(nice)
+        )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._per_image_s = 0.0  # EWMA of compute seconds per image, for Retry-After
@@ -134,6 +138,11 @@ class DynamicBatcher:
     @property
     def admitted(self) -> int:
         return self._admitted
+
+    @property
+    def per_image_s(self) -> float:
+        """EWMA of compute seconds per image (0 before the first batch)."""
+        return self._per_image_s
 
     # ----- admission -----
     def admit(self, n: int) -> Reservation:

@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from aimcore import PreprocessConfig, preprocess
 from aimcore.preprocess import resize_shorter_side
 from service.errors import DeadlineExceededError, ImageError
+from service.priority import lower_thread_priority
 
 __all__ = ["DecodeLimits", "ImageDecoder", "sniff_format"]
 
@@ -83,10 +84,16 @@ def _b64(text: str, index: int) -> bytes:
 
 
 class ImageDecoder:
-    def __init__(self, preprocess_config: PreprocessConfig, limits: DecodeLimits, workers: int = 2) -> None:
+    def __init__(
+        self, preprocess_config: PreprocessConfig, limits: DecodeLimits, workers: int = 2, nice: int = 0
+    ) -> None:
         self.config = preprocess_config
         self.limits = limits
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aim-decode")
+        self.workers = workers
+        self.per_image_s = 0.0  # EWMA of one image's decode + preprocess seconds (admission's rate estimate)
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="aim-decode", initializer=lower_thread_priority(nice)
+        )
         if limits.max_image_pixels <= (Image.MAX_IMAGE_PIXELS or 0):
             # Our own cap refuses such images before decoding; Pillow's bomb warning would only be log noise.
             warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -97,6 +104,15 @@ class ImageDecoder:
     # ----- one image (worker thread) -----
     def decode_one(self, data: bytes | str, index: int = 0) -> np.ndarray:
         """One encoded image (bytes, or base64 text) -> float32 (3, S, S)."""
+        t0 = time.perf_counter()
+        try:
+            return self._decode_one(data, index)
+        finally:
+            # A plain float store: racing threads may lose an update, never corrupt it.
+            took = time.perf_counter() - t0
+            self.per_image_s = took if not self.per_image_s else 0.9 * self.per_image_s + 0.1 * took
+
+    def _decode_one(self, data: bytes | str, index: int) -> np.ndarray:
         if isinstance(data, str):
             data = _b64(data, index)
         if not data:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from service.admission import Admission
 from service.backends import LoadedBackend, create_backend
 from service.backends.base import InferenceBackend
 from service.batching import BatchResult, DynamicBatcher
@@ -57,6 +58,7 @@ class Engine:
         self.loaded: LoadedBackend | None = None
         self.batcher: DynamicBatcher | None = None
         self.decoder: ImageDecoder | None = None
+        self.admission = Admission(self)  # the middleware's pre-body admission (expected wait, body bytes)
         self.golden: GoldenReport | None = None
         self.load_s = 0.0
         self._licence_found: dict[str, Any] | None = None
@@ -115,6 +117,7 @@ class Engine:
                     jpeg_draft_min_pixels=s.jpeg_draft_min_pixels,
                 ),
                 workers=s.decode_workers,
+                nice=s.worker_nice,
             )
             self.batcher = DynamicBatcher(
                 loaded.backend,
@@ -122,6 +125,7 @@ class Engine:
                 max_wait_s=s.max_wait_ms / 1000,
                 max_queue=s.max_queue,
                 metrics=self.metrics,
+                nice=s.worker_nice,
             )
             await self.batcher.start()
             for hook in self.before_ready:

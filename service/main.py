@@ -120,6 +120,8 @@ def create_app(
         metrics=metrics,
         policy=ApiKeyPolicy((k.get_secret_value() for k in settings.api_keys), settings.auth_scope),
         max_body_bytes=settings.max_body_bytes,
+        admission=engine.admission,
+        draining=lambda: engine.status in ("draining", "stopped"),
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -53,6 +53,9 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("aim_queue_depth", "Images waiting for a batch", registry=r)
         self.admitted = Gauge("aim_admitted_images", "Images admitted and not yet computing", registry=r)
+        self.body_bytes_in_flight = Gauge(
+            "aim_body_bytes_in_flight", "Request body bytes admitted and not yet answered", registry=r
+        )
         self.in_flight = Gauge("aim_in_flight_requests", "Requests being handled", ["endpoint"], registry=r)
         self.requests = Counter(
             "aim_requests", "Requests answered, by endpoint and status", ["endpoint", "status"], registry=r

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLargeError, dialect_error
+from service.admission import Admission
+from service.errors import BodyTooLargeError, ServiceError, dialect_error
 from service.metrics import ServiceMetrics
 
 __all__ = ["ApiKeyPolicy", "ServiceMiddleware"]
@@ -73,11 +74,22 @@ def _ms(seconds: float) -> str:
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: ServiceMetrics, policy: ApiKeyPolicy, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ServiceMetrics,
+        policy: ApiKeyPolicy,
+        max_body_bytes: int,
+        admission: Admission | None = None,
+        draining: Callable[[], bool] | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.policy = policy
         self.max_body_bytes = max_body_bytes
+        self.admission = admission
+        self.draining = draining
 
     async def _send_error(
         self, send: Send, path: str, status: int, code: str, message: str, extra: list[Any] = ()
@@ -126,15 +138,32 @@ class ServiceMiddleware:
             )
             return
 
+        ticket = None
+        if self.admission is not None:
+            try:  # before one byte of the body is read: not ready, expected wait, body bytes in flight
+                ticket = self.admission.enter(method, path, int(declared) if declared and declared.isdigit() else None)
+            except ServiceError as exc:
+                self.metrics.record_failure(endpoint, exc.code)
+                self.metrics.requests.labels(endpoint, str(exc.http_status)).inc()
+                extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+                extra.append((b"x-total-ms", _ms(time.perf_counter() - start).encode()))
+                await self._send_error(send, path, exc.http_status, exc.code, exc.message, extra)
+                return
+
         received = 0
 
         async def counting_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                received += chunk
                 if received > self.max_body_bytes:
                     raise BodyTooLargeError(f"body exceeds the {self.max_body_bytes}-byte limit")
+                if ticket is not None:
+                    ticket.body_chunk(chunk, bool(message.get("more_body")))
+            elif ticket is not None:  # http.disconnect: nothing more will arrive
+                ticket.body_done()
             return message
 
         async def timed_send(message: Message) -> None:
@@ -147,6 +176,10 @@ class ServiceMiddleware:
                     extra.append((b"x-batch-size", str(int(timings["batch_size"])).encode()))
                 parts = [f"{s};dur={_ms(timings[s])}" for s in STAGES if s in timings] + [f"total;dur={_ms(total)}"]
                 extra.append((b"server-timing", ", ".join(parts).encode()))
+                if self.draining is not None and self.draining():
+                    # Draining: no connection is reused after its answer, so when the listener closes no idle
+                    # keep-alive connection is left for a client to send a request the server would never read.
+                    extra.append((b"connection", b"close"))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
@@ -155,6 +188,8 @@ class ServiceMiddleware:
         try:
             await self.app(scope, counting_receive, timed_send)
         finally:
+            if ticket is not None:
+                ticket.release()
             gauge.dec()
             route = scope.get("route")
             label = getattr(route, "path", endpoint) if route is not None else endpoint

@@ -10,16 +10,20 @@ failed self-check) exits with code 1, so the orchestrator sees the failure inste
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import socket
 import sys
 import threading
+import time
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from service.engine import Engine
+from service.listener import accept_queue_length, refuse_new_connections
 from service.main import create_app
 from service.settings import Settings
 
@@ -34,6 +38,7 @@ class DrainingServer(uvicorn.Server):
         self.engine = engine
         self.grace_s = grace_s
         self.exit_code = 0
+        self.linger_s = 1.0
         self._signals = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -53,6 +58,32 @@ class DrainingServer(uvicorn.Server):
 
     def _stop(self) -> None:
         self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop taking connections without resetting any, then let idle keep-alive connections linger.
+
+        uvicorn closes the listener and every idle connection in the same instant. Connections the kernel had
+        already accepted but the loop had not are reset with their request sent (service.listener), and a client
+        whose next request was on its way on an idle connection sees it closed with no answer: 2 of 4
+        SIGTERM-under-load runs lost a request. Here the listener stops taking handshakes, what is parked is
+        accepted and served, the listener closes, and a request that arrives on an open connection during
+        `linger_s` is still read and answered (with `Connection: close`, set by the middleware while draining).
+        """
+        listeners = [sock for server in self.servers for sock in (server.sockets or ())] or list(sockets or [])
+        filtered = [sock for sock in listeners if refuse_new_connections(sock)]
+        deadline = time.monotonic() + 2.0
+        while filtered and time.monotonic() < deadline:  # the loop accepts what the kernel parked, then we close
+            if not any(accept_queue_length(sock) for sock in filtered):
+                break
+            await asyncio.sleep(0.01)
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        deadline = time.monotonic() + (self.linger_s if self._signals <= 1 else 0.0)  # a second signal: hurry
+        while self.server_state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await super().shutdown(sockets)
 
     def fail(self, reason: str) -> None:
         """Called by the engine when it cannot become ready."""

@@ -47,11 +47,24 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per backend call")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="longest a queued image waits for batch-mates")
     max_queue: int = Field(256, ge=1, description="images admitted but not yet computing; beyond it 429")
+    max_queue_wait_s: float = Field(
+        1.0,
+        ge=0,
+        le=600,
+        description="refuse (429, before the body is read) when the expected wait of a new request, admitted images "
+        "x measured seconds per image, exceeds this (0: only max_queue bounds the queue)",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="default per-request deadline")
     max_request_timeout_s: float = Field(300.0, gt=0, description="cap on the X-Request-Timeout header")
 
     # ----- input limits -----
     max_body_bytes: int = Field(32 << 20, ge=1024, description="request body cap (JSON base64 or multipart)")
+    max_inflight_body_bytes: int = Field(
+        128 << 20,
+        ge=1024,
+        description="request body bytes being received or handled at once, over all requests; a request that would "
+        "exceed it is refused with 429 before its body is read (one request alone is always admitted)",
+    )
     max_images_per_request: int = Field(32, ge=1, description="images in one request")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height cap, read from the header")
     max_resized_pixels: int = Field(
@@ -64,6 +77,13 @@ class Settings(BaseSettings):
         2_000_000, ge=0, description="JPEGs above this many pixels decode at a reduced DCT scale (0 = never)"
     )
     decode_workers: int = Field(2, ge=1, le=64, description="threads decoding images")
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="nice value added to the decode and compute threads so the event loop (admission, refusals, "
+        "answers) gets the CPU first on a busy host; 0 leaves them at the process's priority",
+    )
 
     # ----- self-check and lifecycle -----
     golden_check: bool = Field(True, description="check outputs against reference outputs before ready")
