@@ -89,7 +89,10 @@ class Engine:
             self.metrics.model_info.info(
                 {
                     "model_id": info.model_id,
-                    "model_sha256": info.model_sha256,
+                    # One meaning everywhere (the /embed recipe, /info's weights_sha256): the weights' digest, the
+                    # same for a checkpoint and its ONNX/TensorRT export. The served file's own digest is named.
+                    "model_sha256": str(info.extra.get("weights_sha256") or info.model_sha256),
+                    "artifact_sha256": info.model_sha256,
                     "flavor": info.config.name,
                     "backend": info.name,
                     "device": info.device,
