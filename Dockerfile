@@ -42,8 +42,11 @@ ARG TORCH_VERSION=2.13.0
 COPY deploy/wheels/ /tmp/build/wheels/
 RUN /tmp/build/install-torch.sh "$TORCH_SOURCE" "$TORCH_VERSION"
 COPY pyproject.toml /tmp/build/src/
+# Exact versions of every package (deploy/constraints.txt, generated from a tested env: see its header), so a
+# build next month installs what was tested, not the index's latest. pyproject keeps the ranges for library use.
+COPY deploy/constraints.txt /tmp/build/constraints.txt
 RUN python3 /tmp/build/requirements.py /tmp/build/src/pyproject.toml serve hub > /tmp/build/requirements.txt \
-    && /tmp/build/pip.sh install -r /tmp/build/requirements.txt
+    && /tmp/build/pip.sh install -r /tmp/build/requirements.txt -c /tmp/build/constraints.txt
 COPY README.md /tmp/build/src/
 COPY aimcore /tmp/build/src/aimcore
 COPY export /tmp/build/src/export
@@ -58,6 +61,7 @@ RUN /tmp/build/pip.sh install --no-deps /tmp/build/src \
 FROM ${BASE_IMAGE} AS runtime-base
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     AIM_HOST=0.0.0.0 \
     AIM_PORT=8000 \
     HF_HOME=/models/.cache/huggingface
@@ -87,8 +91,10 @@ VOLUME ["/models", "/index"]
 # pipeline: one-shot jobs (pre-train, export, index build). The training entry point runs as a script from
 # /app, like in the repository: `python training/pretrain.py --config training/configs/aim-debug.yaml ...`.
 FROM builder-cpu AS builder-pipeline
+# The same constraints: the serve packages already installed keep their versions; the train/export ones are not
+# pinned there (the pipeline image is a demo of the jobs, not a served artefact).
 RUN python3 /tmp/build/requirements.py /tmp/build/src/pyproject.toml train export > /tmp/build/requirements-pipeline.txt \
-    && /tmp/build/pip.sh install -r /tmp/build/requirements-pipeline.txt
+    && /tmp/build/pip.sh install -r /tmp/build/requirements-pipeline.txt -c /tmp/build/constraints.txt
 
 FROM runtime-base AS pipeline
 COPY --from=builder-pipeline /opt/venv /opt/venv

@@ -12,14 +12,18 @@
 #   base image   SMOKE_BASE_IMAGE, else the name cached in deploy/.smoke/base-image, else python:3.11-slim (local
 #                or pulled), else aim-local/debian-python:bookworm (SMOKE_LOCAL_BASE; local, or made with
 #                debootstrap and imported; needs root). The name is cached, so later runs skip all of this.
-#   Prometheus   the official image (local or pulled), else a stand-in built from Debian's prometheus package and
-#                tagged with the official name, so docker-compose.yml runs unchanged.
+#   Prometheus   the official image (local or pulled), else a stand-in built from Debian's prometheus package under
+#                its own name (aim-stand-in/prometheus:debian-bookworm), handed to compose through this run's env
+#                file (PROMETHEUS_IMAGE) only. Never the official tag: a later real `compose up` must not run it
+#                (a stand-in left under the official tag by an older version of this script is untagged).
 #   Grafana      the official image (local or pulled), else not started: its provisioning is checked statically.
 #
 # Knobs: SMOKE_TORCH_WHEEL (a torch CPU wheel to build with; default /opt/wheels/torch-<version>+cpu-*.whl if
 # present, else PyTorch's CPU index), SMOKE_EXTRA_CA (CA bundle for pip in the build; default this machine's
 # /etc/ssl/certs/ca-certificates.crt, "" for none), SMOKE_BUILD_CPUS (cap the build's CPU use, e.g. 1 on a shared
-# machine), SMOKE_PORT_BASE (default 18000: service, +1 Prometheus, +2 Grafana, +3 pipeline service),
+# machine), SMOKE_PORT_BASE (fixed host ports: service, +1 Prometheus, +2 Grafana, +3 pipeline service; default:
+# ephemeral ports the engine picks, read back with `compose port`), SMOKE_PROJECT (compose project name; default
+# aim-smoke-<random>, so concurrent runs never share containers, networks or volumes),
 # SMOKE_PULL_TIMEOUT (s, default 60), SMOKE_PIPELINE=1 (also run `--profile pipeline`: pre-train -> export -> index
 # -> serve; builds the pipeline image, a few more minutes), SMOKE_KEEP=1 (leave the stack up), PYTHON (for the
 # HTTP checks; standard library only).
@@ -28,18 +32,19 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-PROJECT=aim-smoke
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 PYTHON=${PYTHON:-python3}
-PORT_BASE=${SMOKE_PORT_BASE:-18000}
-AIM_PORT_HOST=$PORT_BASE
-PROM_PORT_HOST=$((PORT_BASE + 1))
-GRAFANA_PORT_HOST=$((PORT_BASE + 2))
+PROJECT=${SMOKE_PROJECT:-$("$PYTHON" deploy/smoke_checks.py project)}
+PORT_BASE=${SMOKE_PORT_BASE:-}
+GRAFANA_PORT_HOST=
 PULL_TIMEOUT=${SMOKE_PULL_TIMEOUT:-60}
 IMAGE=aim-stack:cpu
 LOCAL_BASE=${SMOKE_LOCAL_BASE:-aim-local/debian-python:bookworm}
 CACHE_DIR=$ROOT/deploy/.smoke
 TEST_IMAGE=$ROOT/tests/assets/images/landscape_640x427.jpg
+# /classify gets an image of what the bundled demo's head was trained on, and must name its real label.
+LABEL_IMAGE=$ROOT/tests/assets/fashion_mnist/bag__test_00018.png
+STANDIN_PROM_IMAGE=aim-stand-in/prometheus:debian-bookworm
 # The official names, read from docker-compose.yml so there is one source of truth.
 # shellcheck disable=SC2016  # the ${...} is compose syntax to match literally, not a shell expansion
 PROM_IMAGE=$(sed -n 's/.*\${PROMETHEUS_IMAGE:-\([^}]*\)}.*/\1/p' docker-compose.yml | head -n1)
@@ -150,17 +155,12 @@ if [[ -n $extra_ca && -s $extra_ca && ! -e deploy/certs/extra-ca.crt ]]; then
     log "pip in the build trusts $extra_ca (deploy/certs/extra-ca.crt, build stages only)"
 fi
 
-cat >"$WORK/smoke.env" <<EOF
-BASE_IMAGE=$BASE
-TORCH_SOURCE=$TORCH_SOURCE
-TORCH_VERSION=$TORCH_VERSION
-AIM_IMAGE=$IMAGE
-AIM_PUBLISH=127.0.0.1:$AIM_PORT_HOST
-PROMETHEUS_PUBLISH=127.0.0.1:$PROM_PORT_HOST
-GRAFANA_PUBLISH=127.0.0.1:$GRAFANA_PORT_HOST
-AIM_TORCH_THREADS=1
-AIM_LOG_LEVEL=info
-EOF
+# The run's env file (written again once it is known which Prometheus image runs). Ports: ephemeral unless
+# SMOKE_PORT_BASE is set; project: this run's own.
+ENV_ARGS=(--base "$BASE" --torch-source "$TORCH_SOURCE" --torch-version "$TORCH_VERSION" --image "$IMAGE")
+if [[ -n $PORT_BASE ]]; then ENV_ARGS+=(--port-base "$PORT_BASE"); fi
+"$PYTHON" deploy/smoke_checks.py env "${ENV_ARGS[@]}" >"$WORK/smoke.env" || die "cannot write the env file"
+log "compose project $PROJECT; host ports ${PORT_BASE:-ephemeral (read back with compose port)}"
 
 # ----- compose files are valid, for every way in -----
 compose config -q || die "docker-compose.yml does not validate"
@@ -194,25 +194,43 @@ docker run --rm --entrypoint sh "$IMAGE" -c \
 REAL+=("image $IMAGE: built (${size_mb} MB on $BASE), user 10001, HEALTHCHECK on /readyz, no compilers")
 
 # ----- Prometheus and Grafana images -----
-if image_present "$PROM_IMAGE" && [[ -z $(docker image inspect -f "{{index .Config.Labels \"$STANDIN_LABEL\"}}" "$PROM_IMAGE") ]]; then
+is_standin() { [[ -n $(docker image inspect -f "{{index .Config.Labels \"$STANDIN_LABEL\"}}" "$1" 2>/dev/null) ]]; }
+if image_present "$PROM_IMAGE" && is_standin "$PROM_IMAGE"; then
+    # An older smoke.sh tagged its stand-in with the official name: move it to its own name, so compose, in this
+    # run and every later one, never takes it for the official image.
+    log "untagging $PROM_IMAGE: it is a stand-in left by an older smoke run, not the official image"
+    docker image tag "$PROM_IMAGE" "$STANDIN_PROM_IMAGE" >/dev/null 2>&1 || true
+    docker image rm "$PROM_IMAGE" >/dev/null || die "cannot untag the stand-in left as $PROM_IMAGE"
+fi
+PROM_RUN_IMAGE=$PROM_IMAGE
+if image_present "$PROM_IMAGE"; then
     PROM_KIND="official image $PROM_IMAGE"
-elif ! image_present "$PROM_IMAGE" && try_pull "$PROM_IMAGE"; then
+elif try_pull "$PROM_IMAGE"; then
     PROM_KIND="official image $PROM_IMAGE (pulled)"
 else
-    log "no official $PROM_IMAGE here: building (or reusing) the stand-in from Debian's prometheus package"
+    log "no official $PROM_IMAGE here: building (or reusing) the stand-in $STANDIN_PROM_IMAGE from Debian's package"
     docker build "${build_flags[@]}" --build-arg BASE_IMAGE="$BASE" --label "$STANDIN_LABEL=debian-prometheus" \
-        -t "$PROM_IMAGE" deploy/prometheus/standin >"$WORK/prometheus-build.log" 2>&1 || {
+        -t "$STANDIN_PROM_IMAGE" deploy/prometheus/standin >"$WORK/prometheus-build.log" 2>&1 || {
         tail -30 "$WORK/prometheus-build.log"
         die "stand-in Prometheus build failed"
     }
-    PROM_KIND="stand-in: Debian's prometheus package, tagged $PROM_IMAGE"
+    PROM_RUN_IMAGE=$STANDIN_PROM_IMAGE
+    PROM_KIND="stand-in $STANDIN_PROM_IMAGE (Debian's prometheus package; compose gets it from this run's env file)"
+    "$PYTHON" deploy/smoke_checks.py env "${ENV_ARGS[@]}" --prometheus-image "$STANDIN_PROM_IMAGE" \
+        >"$WORK/smoke.env" || die "cannot write the env file"
 fi
-docker run --rm -v "$ROOT/deploy/prometheus:/etc/prometheus:ro" --entrypoint promtool "$PROM_IMAGE" \
+docker run --rm -v "$ROOT/deploy/prometheus:/etc/prometheus:ro" --entrypoint promtool "$PROM_RUN_IMAGE" \
     check config /etc/prometheus/prometheus.yml >"$WORK/promtool.log" 2>&1 || {
     cat "$WORK/promtool.log"
     die "promtool rejects deploy/prometheus/"
 }
 REAL+=("promtool check config: deploy/prometheus/prometheus.yml and its alerting rules ($PROM_KIND)")
+docker run --rm -v "$ROOT/deploy/prometheus:/etc/prometheus:ro" -w /etc/prometheus/tests --entrypoint promtool \
+    "$PROM_RUN_IMAGE" test rules aim.test.yml >"$WORK/promtool-test.log" 2>&1 || {
+    cat "$WORK/promtool-test.log"
+    die "promtool rule unit tests fail (deploy/prometheus/tests/aim.test.yml)"
+}
+REAL+=("promtool test rules: deploy/prometheus/tests/aim.test.yml (AimDown, AimAbsent under DNS discovery)")
 
 services=(aim prometheus)
 if image_present "$GRAFANA_IMAGE" || try_pull "$GRAFANA_IMAGE"; then
@@ -247,13 +265,24 @@ start=$SECONDS
 for s in "${services[@]}"; do wait_healthy "$s" 300; done
 REAL+=("compose up: ${services[*]} healthy after $((SECONDS - start))s (depends_on: service_healthy)")
 
+# The host ports this run got (ephemeral unless SMOKE_PORT_BASE): asked of compose, not assumed.
+published_port() {
+    local out
+    out=$(compose --profile pipeline port "$1" "$2" 2>/dev/null) || die "compose port $1 $2 failed"
+    "$PYTHON" deploy/smoke_checks.py port "$out" || die "no host port for $1:$2 in '$out'"
+}
+AIM_PORT_HOST=$(published_port aim 8000)
+PROM_PORT_HOST=$(published_port prometheus 9090)
+if [[ $GRAFANA_REAL == 1 ]]; then GRAFANA_PORT_HOST=$(published_port grafana 3000); fi
+log "published: aim 127.0.0.1:$AIM_PORT_HOST, prometheus 127.0.0.1:$PROM_PORT_HOST${GRAFANA_PORT_HOST:+, grafana 127.0.0.1:$GRAFANA_PORT_HOST}"
+
 log "service checks (http://127.0.0.1:$AIM_PORT_HOST)"
-"$PYTHON" deploy/smoke_checks.py service --url "http://127.0.0.1:$AIM_PORT_HOST" --image "$TEST_IMAGE" ||
-    die "service checks"
+"$PYTHON" deploy/smoke_checks.py service --url "http://127.0.0.1:$AIM_PORT_HOST" --image "$TEST_IMAGE" \
+    --label-image "$LABEL_IMAGE" || die "service checks"
 threads=$("$PYTHON" -c 'import json,sys,urllib.request as u; print(json.load(u.urlopen(sys.argv[1]))["settings"]["torch_threads"])' \
     "http://127.0.0.1:$AIM_PORT_HOST/info")
 [[ $threads == 1 ]] || die "AIM_TORCH_THREADS from the env file did not reach the service (torch_threads=$threads)"
-REAL+=("service: POST $(basename "$TEST_IMAGE") to /embed (multipart + base64 JSON) and /classify, /metrics counts them; AIM_* env passes through")
+REAL+=("service: POST $(basename "$TEST_IMAGE") to /embed (multipart + base64 JSON), $(basename "$LABEL_IMAGE") to /classify (top-1 is its real label), /metrics counts them; AIM_* env passes through")
 
 log "index checks: add three images to the index volume, search with one"
 set +e
@@ -286,9 +315,7 @@ fi
 
 # ----- optional: the pipeline profile (pre-train -> export -> build index -> serve), SMOKE_PIPELINE=1 -----
 if [[ ${SMOKE_PIPELINE:-0} == 1 ]]; then
-    PIPELINE_PORT_HOST=$((PORT_BASE + 3))
-    printf 'AIM_PIPELINE_PUBLISH=127.0.0.1:%s\nPIPELINE_STEPS=%s\n' "$PIPELINE_PORT_HOST" "${SMOKE_PIPELINE_STEPS:-30}" \
-        >>"$WORK/smoke.env"
+    printf 'PIPELINE_STEPS=%s\n' "${SMOKE_PIPELINE_STEPS:-30}" >>"$WORK/smoke.env"
     log "docker build --target pipeline -t aim-stack:pipeline"
     docker build "${build_flags[@]}" --target pipeline -t aim-stack:pipeline \
         --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_SOURCE="$TORCH_SOURCE" --build-arg TORCH_VERSION="$TORCH_VERSION" \
@@ -304,6 +331,7 @@ if [[ ${SMOKE_PIPELINE:-0} == 1 ]]; then
         die "pipeline profile failed"
     }
     wait_healthy aim-pipeline 300
+    PIPELINE_PORT_HOST=$(published_port aim-pipeline 8000)
     for job in pretrain export build-index; do
         code=$(docker inspect -f '{{.State.ExitCode}}' "$(compose --profile pipeline ps -q "$job")")
         [[ $code == 0 ]] || die "pipeline job $job exited with $code"

@@ -6,7 +6,11 @@
     python3 deploy/smoke_checks.py grafana    --url http://127.0.0.1:13000 --user admin --password admin
 
 Each logs what it verified and exits 1 with the reason at the first failure (`index`: 3 when the service has no
-index routes).
+index routes). Plumbing for smoke.sh, pure Python (tested without an engine in tests/deploy/test_smoke.py):
+
+    python3 deploy/smoke_checks.py project                 # a compose project name of its own for this run
+    python3 deploy/smoke_checks.py env --base IMG ... [--port-base N] [--prometheus-image IMG]   # the run's env file
+    python3 deploy/smoke_checks.py port "127.0.0.1:49153"  # the host port out of `compose port` output
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import base64
 import json
 import logging
 import math
+import re
+import secrets
 import sys
 import time
 import urllib.error
@@ -30,6 +36,83 @@ logger = logging.getLogger("smoke")
 
 class CheckFailed(Exception):
     pass
+
+
+# ----- run plumbing (no engine needed) -----
+
+PROJECT_PREFIX = "aim-smoke"
+# The stand-in's own name: never the official one, so a later real `docker compose up` cannot silently run it.
+STANDIN_PROMETHEUS_IMAGE = "aim-stand-in/prometheus:debian-bookworm"
+# host side of each published port, by the compose variable that sets it (docker-compose.yml)
+PUBLISH_VARS = ("AIM_PUBLISH", "PROMETHEUS_PUBLISH", "GRAFANA_PUBLISH", "AIM_PIPELINE_PUBLISH")
+
+
+def project_name(token: str | None = None) -> str:
+    """A compose project of this run's own (containers, network, volumes), so two runs never share or remove each
+    other's. Compose names: lower-case letters, digits, '-' and '_', starting with a letter or digit."""
+    token = token if token is not None else secrets.token_hex(4)
+    name = f"{PROJECT_PREFIX}-{token}".lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+        raise ValueError(f"not a valid compose project name: {name!r}")
+    return name
+
+
+def publish_env(port_base: int | None) -> dict[str, str]:
+    """Host addresses for the published ports. Default: "127.0.0.1:" (compose's "127.0.0.1::8000"), an ephemeral
+    port the engine picks, read back with `compose port`: two runs can never ask for the same one. A port base
+    (SMOKE_PORT_BASE) gives fixed ports base, +1, +2, +3 instead, for a firewall that needs to know them."""
+    if port_base is None:
+        return {var: "127.0.0.1:" for var in PUBLISH_VARS}
+    if not 1024 <= port_base <= 65535 - len(PUBLISH_VARS):
+        raise ValueError(f"port base {port_base} is outside 1024..{65535 - len(PUBLISH_VARS)}")
+    return {var: f"127.0.0.1:{port_base + i}" for i, var in enumerate(PUBLISH_VARS)}
+
+
+def env_file(
+    *,
+    base_image: str,
+    torch_source: str,
+    torch_version: str,
+    aim_image: str,
+    port_base: int | None = None,
+    prometheus_image: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> str:
+    """The run's --env-file. PROMETHEUS_IMAGE only when the stand-in runs: docker-compose.yml names the official
+    image, and this file exists for this run only."""
+    values = {
+        "BASE_IMAGE": base_image,
+        "TORCH_SOURCE": torch_source,
+        "TORCH_VERSION": torch_version,
+        "AIM_IMAGE": aim_image,
+        **publish_env(port_base),
+        "AIM_TORCH_THREADS": "1",
+        "AIM_LOG_LEVEL": "info",
+    }
+    if prometheus_image:
+        values["PROMETHEUS_IMAGE"] = prometheus_image
+    values |= extra or {}
+    for key, value in values.items():
+        if "\n" in value or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+            raise ValueError(f"cannot write {key}={value!r} to an env file")
+    return "".join(f"{k}={v}\n" for k, v in values.items())
+
+
+def host_port(compose_port_output: str) -> int:
+    """`compose port SERVICE 8000` prints "127.0.0.1:49153" (or "[::1]:49153", or one line per address)."""
+    for line in compose_port_output.strip().splitlines():
+        match = re.fullmatch(r"\s*(?:\[[0-9a-fA-F:.]+\]|[0-9.]+|[\w.-]+)?:(\d{1,5})\s*", line)
+        if match and 0 < int(match.group(1)) < 65536:
+            return int(match.group(1))
+    raise ValueError(f"no host port in `compose port` output {compose_port_output!r}")
+
+
+def expected_label(image: Path) -> str:
+    """tests/assets/fashion_mnist/<label>__test_<n>.png: the label is the file name's prefix."""
+    label, sep, _ = image.name.partition("__")
+    if not sep or not label:
+        raise ValueError(f"{image.name}: not a <label>__<name> file, pass --expect-label")
+    return label
 
 
 def _request(
@@ -68,7 +151,9 @@ def _multipart(fields: dict[str, str], files: list[tuple[str, str, bytes, str]])
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def check_service(url: str, image: Path, classify: bool = True) -> None:
+def check_service(
+    url: str, image: Path, classify: bool = True, label_image: Path | None = None, label: str | None = None
+) -> None:
     content = image.read_bytes()
     ctype = "image/png" if image.suffix.lower() == ".png" else "image/jpeg"
 
@@ -102,7 +187,13 @@ def check_service(url: str, image: Path, classify: bool = True) -> None:
 
     if not classify:  # e.g. a pre-trained trunk: no head, /classify answers 409 no_head by design
         return
-    body, mp_type = _multipart({"top_k": "3"}, [("files", image.name, content, ctype)])
+    # An image of what the served head was trained on (the bundled demo: Fashion-MNIST), so the answer can be
+    # checked against its real label, not only for shape.
+    shot = label_image or image
+    want = label or expected_label(shot)
+    shot_bytes = shot.read_bytes()
+    shot_type = "image/png" if shot.suffix.lower() == ".png" else "image/jpeg"
+    body, mp_type = _multipart({"top_k": "3"}, [("files", shot.name, shot_bytes, shot_type)])
     status, _, raw = _request(f"{url}/classify", body, {"Content-Type": mp_type})
     if status != 200:
         raise CheckFailed(f"POST /classify: HTTP {status}: {raw[:300]!r}")
@@ -112,8 +203,15 @@ def check_service(url: str, image: Path, classify: bool = True) -> None:
     probs = preds[0].get("probs", [])
     if not all(0.0 <= p <= 1.0 for p in probs) or probs != sorted(probs, reverse=True):
         raise CheckFailed(f"POST /classify: probabilities not in [0, 1] and descending: {probs}")
+    labels = preds[0].get("labels") or []
+    if not labels or labels[0] != want:
+        raise CheckFailed(f"POST /classify {shot.name}: top-1 {labels[:1]} (probs {probs}), expected {want!r}")
     logger.info(
-        "POST /classify (top_k=3): 200, classes %s, probs %s", preds[0]["indices"], [round(p, 4) for p in probs]
+        "POST /classify (%s, top_k=3): 200, top-1 %r as labelled, classes %s, probs %s",
+        shot.name,
+        labels[0],
+        labels,
+        [round(p, 4) for p in probs],
     )
 
     status, _, raw = _request(f"{url}/metrics")
@@ -241,6 +339,19 @@ def main() -> int:
     s.add_argument("--url", required=True)
     s.add_argument("--image", type=Path, required=True)
     s.add_argument("--no-classify", action="store_true", help="the model has no head")
+    s.add_argument("--label-image", type=Path, default=None, help="image for /classify (default: --image)")
+    s.add_argument("--expect-label", default=None, help="its label (default: the <label>__ file-name prefix)")
+    sub.add_parser("project", help="print a compose project name of this run's own")
+    e = sub.add_parser("env", help="print the run's compose env file")
+    e.add_argument("--base", required=True)
+    e.add_argument("--torch-source", required=True)
+    e.add_argument("--torch-version", required=True)
+    e.add_argument("--image", required=True)
+    e.add_argument("--port-base", type=int, default=None)
+    e.add_argument("--prometheus-image", default=None, help="the stand-in, when it is what runs")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more variable")
+    pt = sub.add_parser("port", help="print the host port out of `compose port` output")
+    pt.add_argument("output")
     i = sub.add_parser("index")
     i.add_argument("--url", required=True)
     i.add_argument("--images", type=Path, nargs="+", required=True, help="the first is the query")
@@ -256,15 +367,38 @@ def main() -> int:
     g.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
     try:
-        if args.command == "service":
-            check_service(args.url.rstrip("/"), args.image, classify=not args.no_classify)
+        if args.command == "project":
+            sys.stdout.write(project_name() + "\n")
+        elif args.command == "env":
+            extra = dict(kv.split("=", 1) for kv in args.set)
+            sys.stdout.write(
+                env_file(
+                    base_image=args.base,
+                    torch_source=args.torch_source,
+                    torch_version=args.torch_version,
+                    aim_image=args.image,
+                    port_base=args.port_base,
+                    prometheus_image=args.prometheus_image,
+                    extra=extra,
+                )
+            )
+        elif args.command == "port":
+            sys.stdout.write(f"{host_port(args.output)}\n")
+        elif args.command == "service":
+            check_service(
+                args.url.rstrip("/"),
+                args.image,
+                classify=not args.no_classify,
+                label_image=args.label_image,
+                label=args.expect_label,
+            )
         elif args.command == "index":
             return check_index(args.url.rstrip("/"), args.images, args.add)
         elif args.command == "prometheus":
             check_prometheus(args.url.rstrip("/"), args.job, args.timeout)
         else:
             check_grafana(args.url.rstrip("/"), args.user, args.password, args.timeout)
-    except CheckFailed as exc:
+    except (CheckFailed, ValueError) as exc:
         logger.error("FAILED: %s", exc)
         return 1
     return 0

@@ -18,6 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# onnxruntime 1.2x+ starts a telemetry client when it loads: it would send usage events from a server, and on a
+# read-only root (the compose service) it warns at every start that it cannot persist its device id under
+# ~/.cache. Off for the service's entry point, before anything imports onnxruntime (a value already in the
+# environment wins).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from pydantic import ValidationError
+
 from service.settings import add_settings_arguments, settings_from_args
 
 COMMANDS = ("serve", "embed", "classify", "search", "index", "info", "golden")
@@ -161,18 +169,45 @@ def _golden_command(args: argparse.Namespace) -> int:
     return 0
 
 
+_SECRET_SETTINGS = ("api_keys",)
+
+
+def settings_error_line(exc: ValidationError) -> str:
+    """One line naming each bad setting, its variable and flag, and why; pydantic's report is for developers."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        where = f"{name} (AIM_{name.upper()}, --{name.replace('_', '-')})" if name != "settings" else name
+        got = "" if name in _SECRET_SETTINGS or "input" not in err else f", got {err['input']!r}"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}{got}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    logging.basicConfig(level=level, format=fmt)
+    if level.upper() != "DEBUG":
+        # faiss's loader logs at INFO every variant it tries and fails to import (AVX512, AVX2) before the generic
+        # build that this wheel ships: four lines with a ModuleNotFoundError at every start, saying nothing wrong.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["serve", *argv]
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        settings = settings_from_args(args)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            settings = settings_from_args(args)
+        except ValidationError as exc:
+            _configure_logging("INFO", "%(levelname)s %(name)s: %(message)s")
+            logger.error("%s", settings_error_line(exc))
+            return 2
+        _configure_logging(settings.log_level.upper(), "%(asctime)s %(levelname)s %(name)s: %(message)s")
         from service.server import serve
 
         return serve(settings)
-    logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging("INFO", "%(levelname)s %(name)s: %(message)s")
     if args.command == "golden":
         return _golden_command(args)
     return _client_command(args)

@@ -41,6 +41,16 @@ __all__ = ["Engine", "InferenceResult"]
 logger = logging.getLogger(__name__)
 
 
+def _expected_startup_errors() -> tuple[type[BaseException], ...]:
+    from aimcore.checkpoint import CheckpointError
+    from aimcore.layouts import LayoutError
+    from service.errors import ServiceError
+    from service.index.errors import VectorIndexError
+
+    # RuntimeError: the self-check's failure and the backends' "not available here" errors.
+    return (CheckpointError, LayoutError, ServiceError, VectorIndexError, RuntimeError, OSError)
+
+
 @dataclass
 class InferenceResult:
     rows: list[dict[str, np.ndarray]]  # per image: output name -> row
@@ -91,7 +101,10 @@ class Engine:
             self.metrics.model_info.info(
                 {
                     "model_id": info.model_id,
-                    "model_sha256": info.model_sha256,
+                    # One meaning everywhere (the /embed recipe, /info's weights_sha256): the weights' digest, the
+                    # same for a checkpoint and its ONNX/TensorRT export. The served file's own digest is named.
+                    "model_sha256": str(info.extra.get("weights_sha256") or info.model_sha256),
+                    "artifact_sha256": info.model_sha256,
                     "flavor": info.config.name,
                     "backend": info.name,
                     "device": info.device,
@@ -132,7 +145,12 @@ class Engine:
                 await hook()
         except Exception as exc:
             self.status, self.reason = "failed", f"{type(exc).__name__}: {exc}"
-            logger.error("the service cannot become ready: %s", self.reason, exc_info=not isinstance(exc, RuntimeError))
+            # An operator's error (no such model, a backend not installed, an index for another model, a failed
+            # self-check) is said in full by its message: a traceback is for bugs. The server's on_fatal logs that
+            # one line as it exits, so it is not said twice.
+            expected = isinstance(exc, _expected_startup_errors())
+            if not (expected and self.on_fatal is not None):
+                logger.error("the service cannot become ready: %s", self.reason, exc_info=not expected)
             if self.on_fatal is not None:
                 self.on_fatal(self.reason)
             return

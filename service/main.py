@@ -9,13 +9,18 @@ index. SIGTERM handling (readiness first, then drain) lives in `service.server`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from service.backends.base import InferenceBackend
 from service.engine import Engine
@@ -37,6 +42,47 @@ __all__ = ["create_app", "create_app_from_env"]
 logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
+DOCS_ASSETS = "/docs/assets"
+
+
+def _docs_assets() -> Path | None:
+    """Swagger UI and ReDoc as the fastapi-offline wheel ships them (a [serve] dependency); None if absent."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def _install_docs(app: FastAPI, assets: Path) -> None:
+    """/docs and /redoc from assets this process serves: FastAPI's defaults load them from a CDN, so the pages
+    were blank on an air-gapped host. Same paths as FastAPI's (/docs, /redoc, /docs/oauth2-redirect)."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        )
+
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,  # fonts.googleapis.com is a CDN too; the system fonts do
+        )
+
+    app.add_api_route("/docs", swagger, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+    app.add_api_route(
+        "/docs/oauth2-redirect", get_swagger_ui_oauth2_redirect_html, methods=["GET"], include_in_schema=False
+    )
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -93,12 +139,19 @@ def create_app(
                 await text.stop()
                 await retrieval.stop()
 
+    docs_assets = _docs_assets()
     app = FastAPI(
         title="AIM service",
         version=API_VERSION,
         description="Embeddings and classification from Apple's AIM v1 image models, with dynamic batching.",
         lifespan=lifespan,
+        docs_url=None if docs_assets else "/docs",  # local assets: _install_docs
+        redoc_url=None if docs_assets else "/redoc",
     )
+    if docs_assets:
+        _install_docs(app, docs_assets)
+    else:  # an install without the [serve] extra's fastapi-offline: FastAPI's CDN pages, said once
+        logger.warning("fastapi-offline is not installed: /docs and /redoc load Swagger UI and ReDoc from a CDN")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine

@@ -102,6 +102,8 @@ def _build(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level.upper() != "DEBUG":  # faiss's loader: INFO lines for each SIMD build it fails to import
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if args.command == "build":
         return _build(args)
     with VectorIndex.open(args.index, read_only=True) as index:

@@ -179,6 +179,12 @@ class VectorIndex(MaintenanceMixin, SearchMixin):
             self._maybe_train()
         if not self.read_only:
             self._wal = WriteAheadLog(self.path, next_lsn=self._lsn + 1)
+            if replayed:
+                # Replayed records are in the WAL but in no snapshot yet: they are pending like fresh writes, so
+                # close() and the snapshot timer fold them in (else a clean stop after a crash snapshots nothing
+                # and every later start replays them again). Bytes: the segments on disk, an upper bound.
+                self._wal.ops_since_rotate = replayed
+                self._wal.bytes_since_rotate = self._wal.size_bytes
         logger.info(
             "opened %s index %s: %d items (%d tombstones), snapshot lsn %s, %d WAL records replayed in %.2fs",
             self._config.kind,

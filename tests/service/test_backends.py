@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import aimcore
 from service.backends import create_backend, find_artifacts
@@ -17,6 +18,7 @@ from service.backends.base import InferenceBackend
 from service.backends.torch_backend import TorchBackend, model_sha256
 from service.backends.trt_backend import tensorrt_available
 from service.settings import Settings
+from tests.conftest import encode, make_photo
 from tests.service.conftest import LiveServer, serve
 
 export_onnx = pytest.importorskip("export.onnx", reason="export/ not available").export_onnx
@@ -95,6 +97,21 @@ def test_served_onnx_equals_torch_offline(
     assert info["self_check"]["status"] == "passed" and info["self_check"]["reference"].startswith("stored:")
     assert body["recipe"]["backend"] == "onnxruntime" and body["recipe"]["model_sha256"] == torch_recipe_sha
     np.testing.assert_allclose(np.array(body["embeddings"]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_model_info_metric_names_the_weights_hash_like_embed(onnx_server: LiveServer, onnx_dir: Path) -> None:
+    """aim_model_info's model_sha256 is the recipe's (weights) hash; the exported file's digest is artifact_sha256."""
+    with onnx_server.client() as client:
+        recipe = client.post(
+            "/embed", json={"images": [base64.b64encode(encode(make_photo(64, 64), "PNG")).decode()]}
+        ).json()["recipe"]
+        text = client.get("/metrics").text
+        info = client.get("/info").json()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = families["aim_model_info"].samples[0].labels
+    assert labels["model_sha256"] == recipe["model_sha256"] == info["model"]["weights_sha256"]
+    assert labels["artifact_sha256"] == info["model"]["sha256"] == aimcore.sha256_file(onnx_dir / "model.onnx")
+    assert labels["artifact_sha256"] != labels["model_sha256"]
 
 
 def test_find_artifacts(onnx_dir: Path, debug_checkpoint: Path) -> None:
