@@ -46,6 +46,7 @@ class _Item:
     future: asyncio.Future[Row]
     enqueued: float
     holds_slot: bool = True
+    index: int | None = None  # position in its request (named by an inference_failed answer)
     started: float = 0.0
     finished: float = 0.0
     batch_size: int = 0
@@ -191,7 +192,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         wanted = frozenset(outputs)
-        items = [_Item(p, wanted, deadline, loop.create_future(), now) for p in pixels]
+        items = [_Item(p, wanted, deadline, loop.create_future(), now, index=i) for i, p in enumerate(pixels)]
         reservation.n -= len(items)  # the slots now travel with the items
         reservation.release()
         self._queue.extend(items)
@@ -293,10 +294,15 @@ class DynamicBatcher:
             if item.future.done():  # cancelled while computing: the answer has no taker
                 continue
             if isinstance(result, BaseException):
+                # The exception text stays in the log (it can name server paths); the client learns which image.
+                logger.error(
+                    "the model failed on image %s of a request (isolated from its batch)", item.index, exc_info=result
+                )
                 item.future.set_exception(
                     InferenceFailedError(
-                        f"the model failed on this image ({type(result).__name__}: {result}); it was isolated by "
-                        "splitting its batch, other images were served"
+                        "the model failed on this image; it was isolated by splitting its batch, other images were "
+                        "served (the server log has the details)",
+                        index=item.index,
                     )
                 )
             else:

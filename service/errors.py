@@ -3,7 +3,9 @@
 Every error the service answers has the body `{"error": {"code": <stable snake_case>, "message": <for humans>}}`.
 Routes and the batcher raise `ServiceError` subclasses; anything else that carries `http_status` and `code`
 attributes (the index's `VectorIndexError`s) maps the same way. FastAPI's request validation and Starlette's 404/405
-are translated here too, so no handler in a route ever builds an error response itself.
+are translated here too, so no handler in a route ever builds an error response itself. A 405 lists every method
+the path answers in `Allow`, and OPTIONS on an existing path answers 204 with that `Allow` (no route declares
+OPTIONS, so it arrives here as a 405).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Scope
 
 __all__ = [
     "BackendUnavailableError",
@@ -31,6 +35,7 @@ __all__ = [
     "ServiceError",
     "TooManyItemsError",
     "UnauthorizedError",
+    "allowed_methods",
     "dialect_error",
     "error_body",
     "install_error_handlers",
@@ -132,10 +137,16 @@ class DeadlineExceededError(ServiceError):
 
 
 class InferenceFailedError(ServiceError):
-    """The backend raised on this input alone (the batch was bisected down to it)."""
+    """The backend raised on this input alone (the batch was bisected down to it). The message is generic: the
+    backend's exception text can hold server paths and internals, so it goes to the server log, not the client;
+    `index` names the request's image."""
 
     http_status = 500
     code = "inference_failed"
+
+    def __init__(self, message: str, *, index: int | None = None) -> None:
+        super().__init__((f"images[{index}]: " if index is not None else "") + message)
+        self.index = index
 
 
 class BackendUnavailableError(ServiceError):
@@ -181,6 +192,22 @@ def dialect_error(
     return status, error_body(code, message)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(app: ASGIApp, scope: Scope) -> list[str]:
+    """Every method some route answers at this request's path, plus OPTIONS; [] when no route has the path.
+    Starlette's own 405 names only the first route whose path matched (`Allow: GET` for /index/items/{id}, which
+    also takes DELETE), so OPTIONS and 405 answers ask every route, through the router's public `matches`."""
+    router = getattr(app, "router", app)
+    found = set()
+    for method in _METHODS:
+        probe = {**scope, "type": "http", "method": method}
+        if any(route.matches(probe)[0] is Match.FULL for route in getattr(router, "routes", ())):
+            found.add(method)
+    return sorted(found | {"OPTIONS"}) if found else []
+
+
 def _status_and_code(exc: BaseException) -> tuple[int, str]:
     return int(getattr(exc, "http_status", 500)), str(getattr(exc, "code", "internal_error"))
 
@@ -219,7 +246,7 @@ def install_error_handlers(app: FastAPI) -> None:
             parts.append(f"{loc or 'request'}: {err.get('msg', 'invalid')}")
         return error_response(InvalidRequestError("; ".join(parts) or "invalid request"), request)
 
-    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         codes = {
             400: "invalid_request",
@@ -228,7 +255,12 @@ def install_error_handlers(app: FastAPI) -> None:
             413: "body_too_large",
             415: "unsupported_media_type",
         }
-        err = ServiceError(str(exc.detail), headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (methods := allowed_methods(request.app, request.scope)):
+            headers["Allow"] = ", ".join(methods)
+            if request.method == "OPTIONS":  # no route declares OPTIONS: the path exists, so say what it takes
+                return Response(status_code=204, headers={"Allow": headers["Allow"]})
+        err = ServiceError(str(exc.detail), headers=headers)
         err.http_status = exc.status_code
         err.code = codes.get(exc.status_code, "http_error" if exc.status_code < 500 else "internal_error")
         return error_response(err, request)

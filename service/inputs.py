@@ -22,7 +22,8 @@ __all__ = ["ParsedInputs", "parse_inputs"]
 @dataclass
 class ParsedInputs:
     images: list[bytes | str]
-    options: dict[str, Any]
+    options: dict[str, Any]  # every option, defaults filled in
+    given: frozenset[str] = frozenset()  # the options the body itself set (a query parameter may set the others)
 
 
 class UnsupportedMediaTypeError(ServiceError):
@@ -54,7 +55,7 @@ async def parse_inputs(request: Request, model: type[BaseModel], max_images: int
                 code="too_many_images",
                 http_status=413,
             )
-        return ParsedInputs(images, data)
+        return ParsedInputs(images, data, frozenset(parsed.model_fields_set - {"images"}))
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=max_images, max_fields=16)
@@ -84,7 +85,7 @@ async def parse_inputs(request: Request, model: type[BaseModel], max_images: int
         except ValidationError as exc:
             raise InvalidRequestError(_validation_message(exc)) from None
         options.pop("images")
-        return ParsedInputs(images, options)
+        return ParsedInputs(images, options, frozenset(fields))
     raise UnsupportedMediaTypeError(
         f'content type {ctype or "(none)"} is not accepted: send application/json ({{"images": [<base64>]}}) or '
         "multipart/form-data with `files`"

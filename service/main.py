@@ -9,6 +9,7 @@ index. SIGTERM handling (readiness first, then drain) lives in `service.server`.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -32,7 +33,7 @@ from service.routes import analyze, inference, kserve, openai_compat, ops, searc
 from service.routes.kserve_schemas import InferRequest
 from service.routes.openai_schemas import EmbeddingsRequest
 from service.routes.text import TEXT_REQUESTS
-from service.schemas import ClassifyRequest, EmbedRequest
+from service.schemas import ClassifyRequest, EmbedRequest, limit_files_in_spec
 from service.search_schemas import AddItemsRequest, SearchRequest
 from service.settings import Settings
 from service.text import TextService
@@ -90,6 +91,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    # A copy: the routes' openapi_extra dicts are module-level and shared by every app, whose limits may differ.
+    schema = copy.deepcopy(schema)
+    limit_files_in_spec(schema, app.state.settings.max_images_per_request)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     # The text bodies (LiT models) share the routes; declared as components so clients see their fields.
     for model in (

@@ -17,6 +17,7 @@ __all__ = [
     "Prediction",
     "Recipe",
     "error_responses",
+    "limit_files_in_spec",
     "request_body",
 ]
 
@@ -89,7 +90,11 @@ def _multipart_schema(extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["files"],
-        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}, **extra},
+        # maxItems is the app's max_images_per_request, filled in per app (service.main.limit_files_in_spec).
+        "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
+            **extra,
+        },
     }
 
 
@@ -114,6 +119,16 @@ def openapi_body(model: str, form_fields: dict[str, Any]) -> dict[str, Any]:
             },
         }
     }
+
+
+def limit_files_in_spec(schema: dict[str, Any], max_files: int) -> None:
+    """Set `maxItems` of every multipart `files` array in an OpenAPI document (in place) to the app's limit."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            content = operation.get("requestBody", {}).get("content", {}) if isinstance(operation, dict) else {}
+            files = content.get("multipart/form-data", {}).get("schema", {}).get("properties", {}).get("files")
+            if isinstance(files, dict) and files.get("type") == "array":
+                files["maxItems"] = max_files
 
 
 def request_body(kind: Literal["embed", "classify"]) -> dict[str, Any]:

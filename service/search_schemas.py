@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.index.errors import InvalidIdError
+from service.index.store import MAX_ID_LENGTH, id_problem
 from service.schemas import openapi_body
 
 __all__ = [
@@ -27,7 +29,6 @@ __all__ = [
 ]
 
 MAX_K = 1000
-MAX_ID_LENGTH = 1024  # the index's own limit (service.index.store.MAX_ID_LENGTH)
 
 _RECIPE_HELP = (
     "with `vectors`: the recipe fingerprint that made them (`recipe.fingerprint` of an /embed answer with "
@@ -107,9 +108,10 @@ class AddItemsRequest(_VectorInputs):
     @field_validator("ids")
     @classmethod
     def _valid_ids(cls, ids: list[str]) -> list[str]:
-        for item_id in ids:
-            if not item_id or len(item_id) > MAX_ID_LENGTH or "\x00" in item_id:
-                raise ValueError(f"ids are non-empty strings of at most {MAX_ID_LENGTH} characters without NUL")
+        for item_id in ids:  # the index's own rule (no control characters: every id must be nameable in a URL)
+            if (problem := id_problem(item_id)) is not None:
+                # Not a ValueError: pydantic lets it through, and it answers 422 `invalid_id` like the index would.
+                raise InvalidIdError(f"ids: {problem}")
         if len(set(ids)) != len(ids):
             dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
             raise ValueError(f"duplicate ids in one request: {dupes}")

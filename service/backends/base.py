@@ -18,6 +18,7 @@ import numpy as np
 
 from aimcore import AimConfig, PreprocessConfig
 from aimcore.manifest import ExportManifest
+from service.redact import public_name
 
 __all__ = ["BACKEND_OUTPUTS", "BackendInfo", "InferenceBackend"]
 
@@ -28,8 +29,9 @@ BACKEND_OUTPUTS = ("embedding", "pooled", "logits")
 class BackendInfo:
     """What is being served, for /info, response recipes and index compatibility checks.
 
-    model_id: a human name (checkpoint path, HF id or "aim-demo"); model_sha256: checksum of the weights or artefact
-    (the embedding recipe's identity); precision: "fp32", "bf16", "fp16" or "int8"; device: "cpu", "cuda:0", ...
+    model_id: a public name (a checkpoint's or export folder's file name, an HF id or "aim-demo": never a server
+    path, it reaches unauthenticated clients); model_sha256: checksum of the weights or artefact (the embedding
+    recipe's identity); precision: "fp32", "bf16", "fp16" or "int8"; device: "cpu", "cuda:0", ...
     """
 
     name: str
@@ -42,6 +44,10 @@ class BackendInfo:
     device: str = "cpu"
     max_batch_size: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Backends pass what they were loaded from; clients see /info, recipes and metric labels built from this.
+        self.model_id = public_name(str(self.model_id))
 
     @property
     def has_head(self) -> bool:

@@ -30,6 +30,7 @@ from service.index.embedder import ImageEmbedder
 from service.index.errors import IndexLockedError, RecipeMismatchError
 from service.index.index import VectorIndex
 from service.index.snapshot import MANIFEST_NAME
+from service.index.store import id_problem
 
 __all__ = ["IMAGE_SUFFIXES", "BuildReport", "build_index", "find_images"]
 
@@ -124,6 +125,12 @@ def build_index(
         report.images_found = len(files)
         todo = [(i, p) for i, p in zip(ids, files, strict=True) if i not in index]
         report.already_indexed = len(files) - len(todo)
+        # A file name the index refuses as an id (a control character in it) is skipped like an unreadable file,
+        # not the reason a whole chunk of good images fails.
+        for item_id, _ in todo:
+            if (problem := id_problem(item_id)) is not None:
+                report.skipped.append({"id": item_id, "reason": problem})
+        todo = [(i, p) for i, p in todo if id_problem(i) is None]
         logger.info(
             "%d images under %s, %d already indexed, %d to embed", len(files), root, report.already_indexed, len(todo)
         )

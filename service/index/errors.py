@@ -10,6 +10,7 @@ __all__ = [
     "IndexLockedError",
     "IndexNotFoundError",
     "IndexReadOnlyError",
+    "InvalidIdError",
     "InvalidMetadataError",
     "InvalidRequestError",
     "InvalidVectorError",
@@ -51,6 +52,14 @@ class InvalidVectorError(InvalidRequestError):
 
     http_status = 422
     code = "invalid_vector"
+
+
+class InvalidIdError(InvalidVectorError):
+    """An id that is empty, too long, or holds a control character (C0, DEL, C1): such ids could not be named
+    exactly in a URL path (`DELETE /index/items/{id}`), so they are refused where items come in."""
+
+    http_status = 422
+    code = "invalid_id"
 
 
 class InvalidMetadataError(InvalidRequestError):

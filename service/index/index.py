@@ -255,7 +255,7 @@ class VectorIndex(MaintenanceMixin, SearchMixin):
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete items by id; ids not present are ignored. Durable when it returns. Returns how many existed."""
-        wanted = validate_ids(list(dict.fromkeys([ids] if isinstance(ids, str) else ids)))
+        wanted = validate_ids(list(dict.fromkeys([ids] if isinstance(ids, str) else ids)), new=False)
         with self._mutex:
             wal = self._writable()
             present = [i for i in wanted if i in self._table]

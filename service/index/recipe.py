@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service.index.errors import RecipeMismatchError
+from service.redact import public_name
 
 if TYPE_CHECKING:
     from service.backends.base import BackendInfo
@@ -57,6 +58,9 @@ class EmbeddingRecipe:
             # Cosine similarity through inner product on unit vectors is the only metric we serve.
             raise ValueError(f"only 'l2' normalisation is supported, got {self.normalization!r}")
         object.__setattr__(self, "dim", int(self.dim))
+        # Informational, and shown to clients (/index, /search, 409 messages): a name, never the build machine's path
+        # (indexes built before this rule stored one). Not part of the fingerprint, so nothing else changes.
+        object.__setattr__(self, "model_id", public_name(str(self.model_id)))
         object.__setattr__(self, "preprocess", dict(self.preprocess))
 
     @property

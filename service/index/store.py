@@ -10,16 +10,51 @@ filter costs the size of its smallest posting list, not a scan of every item.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from service.index.errors import InvalidMetadataError, InvalidVectorError
+from service.index.errors import InvalidIdError, InvalidMetadataError, InvalidVectorError
 
-__all__ = ["MAX_ID_LENGTH", "ItemTable", "canonical_value", "validate_filter", "validate_ids", "validate_metadata"]
+__all__ = [
+    "MAX_ID_LENGTH",
+    "ItemTable",
+    "canonical_value",
+    "id_problem",
+    "validate_filter",
+    "validate_id",
+    "validate_ids",
+    "validate_metadata",
+]
 
 MAX_ID_LENGTH = 1024
+# C0 controls, DEL and C1 controls. A newline in an id made it unreachable over HTTP (a route's `$` matches before a
+# trailing newline, so `/index/items/victim%0A` named "victim"), and control characters in ids are never meant.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def id_problem(item_id: object, *, new: bool = True) -> str | None:
+    """Why `item_id` cannot be an id, or None when it can: a non-empty string of at most MAX_ID_LENGTH characters
+    without control characters. Shared by the index and the HTTP schemas, so both refuse alike. `new=False` (naming
+    an existing item, to delete it) skips the control-character rule: an index written before it may hold such ids."""
+    if not isinstance(item_id, str) or not item_id:
+        return f"ids are non-empty strings, got {item_id!r}"
+    if len(item_id) > MAX_ID_LENGTH:
+        return f"id {item_id[:40]!r}... has {len(item_id)} characters; the limit is {MAX_ID_LENGTH}"
+    if new and (bad := _CONTROL.search(item_id)) is not None:
+        return (
+            f"id {item_id!r} contains the control character U+{ord(bad.group()):04X}; ids are text without control "
+            "characters (C0, DEL, C1)"
+        )
+    return None
+
+
+def validate_id(item_id: object, *, new: bool = True) -> str:
+    if (problem := id_problem(item_id, new=new)) is not None:
+        raise InvalidIdError(problem)
+    return item_id  # type: ignore[return-value]
 
 
 def canonical_value(value: Any) -> str:
@@ -27,13 +62,8 @@ def canonical_value(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def validate_ids(ids: Sequence[str]) -> list[str]:
-    out = list(ids)
-    for item_id in out:
-        if not isinstance(item_id, str) or not item_id or len(item_id) > MAX_ID_LENGTH or "\x00" in item_id:
-            raise InvalidVectorError(
-                f"ids must be non-empty strings of at most {MAX_ID_LENGTH} characters, got {item_id!r}"
-            )
+def validate_ids(ids: Sequence[str], *, new: bool = True) -> list[str]:
+    out = [validate_id(item_id, new=new) for item_id in ids]
     if len(set(out)) != len(out):
         dupes = sorted({i for i in out if out.count(i) > 1})[:5]
         raise InvalidVectorError(f"duplicate ids in one request: {dupes}")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.deps import EngineDep
 from service.errors import NoHeadError
 from service.inputs import parse_inputs
-from service.routes.inference import infer, json_response, top_k_predictions
+from service.routes.inference import infer, json_response, query_params, top_k_predictions
 from service.routes.search import RetrievalDep
 from service.schemas import error_responses, openapi_body
 
@@ -74,6 +74,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
     "the index's nearest neighbours, all from one decode and one forward. Images as JSON base64 or multipart.",
 )
 async def analyze(request: Request, engine: EngineDep, retrieval: RetrievalDep) -> Response:
+    query_params(request)  # options go in the body: an unknown query parameter is refused, not ignored
     engine.admission_precheck()
     inputs = await parse_inputs(request, AnalyzeRequest, engine.settings.max_images_per_request)
     opts = inputs.options

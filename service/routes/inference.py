@@ -25,7 +25,15 @@ from service.schemas import (
     request_body,
 )
 
-__all__ = ["embed_vectors", "infer", "json_response", "l2_normalize", "router", "top_k_predictions"]
+__all__ = [
+    "embed_vectors",
+    "infer",
+    "json_response",
+    "l2_normalize",
+    "query_params",
+    "router",
+    "top_k_predictions",
+]
 
 router = APIRouter(tags=["inference"])
 T = TypeVar("T")
@@ -58,6 +66,47 @@ def top_k_predictions(logits: np.ndarray, k: int, labels: list[str] | None) -> l
         }
         for r, row in enumerate(top.tolist())
     ]
+
+
+def query_params(request: Request, allowed: Collection[str] = ()) -> dict[str, str]:
+    """The query parameters of a body-carrying route: the few it documents, else 422 naming the others. An ignored
+    parameter looks applied to the client (`/classify?top_k=2` used to answer five labels)."""
+    params = request.query_params
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        takes = "only " + ", ".join(sorted(allowed)) if allowed else "none (options go in the body)"
+        raise InvalidRequestError(
+            f"unknown query parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+            f"{request.url.path} takes {takes}"
+        )
+    for name in allowed:
+        if len(params.getlist(name)) > 1:
+            raise InvalidRequestError(f"query parameter {name!r} given {len(params.getlist(name))} times")
+    return {name: params[name] for name in allowed if name in params}
+
+
+def _query_top_k(request: Request) -> int | None:
+    """/classify?top_k=N: the body field's meaning and bounds."""
+    raw = query_params(request, ("top_k",)).get("top_k")
+    if raw is None:
+        return None
+    field = ClassifyRequest.model_fields["top_k"]
+    low, high = (next(getattr(m, a) for m in field.metadata if hasattr(m, a)) for a in ("ge", "le"))
+    try:
+        k = int(raw)
+    except ValueError:
+        raise InvalidRequestError(f"query parameter top_k must be an integer, got {raw!r}") from None
+    if not low <= k <= high:
+        raise InvalidRequestError(f"query parameter top_k must be between {low} and {high}, got {k}")
+    return k
+
+
+def _top_k(query: int | None, body: Any, body_given: bool) -> Any:
+    if query is None or not body_given:
+        return body if query is None else query
+    if query != body:
+        raise InvalidRequestError(f"top_k is {query} in the query but {body} in the body: give it once")
+    return body
 
 
 def text_routes() -> Any:
@@ -154,6 +203,7 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     "LiT models also take `texts` (TextEmbedRequest).",
 )
 async def embed(request: Request, engine: EngineDep) -> Response:
+    query_params(request)
     engine.admission_precheck()
     if (body := await text_routes().text_body(request)) is not None:  # `texts`: the LiT text tower
         return await text_routes().embed_texts(request, engine, body)
@@ -177,19 +227,24 @@ async def embed(request: Request, engine: EngineDep) -> Response:
     openapi_extra=request_body("classify"),
     summary="Classify images",
     description="Top-k labels, class indices and softmax probabilities per image (needs a classification head). "
-    "LiT models: zero-shot over the request's `labels` (ZeroShotRequest).",
+    "`top_k` as a body field or a query parameter (`/classify?top_k=3`). LiT models: zero-shot over the "
+    "request's `labels` (ZeroShotRequest).",
 )
 async def classify(request: Request, engine: EngineDep) -> Response:
+    query_top_k = _query_top_k(request)
     engine.admission_precheck()
     if (body := await text_routes().text_body(request)) is not None:  # `labels`: zero-shot, even with a head
+        if query_top_k is not None:
+            body["top_k"] = _top_k(query_top_k, body.get("top_k"), "top_k" in body)
         return await text_routes().classify_labels(request, engine, body)
     inputs = await parse_inputs(request, ClassifyRequest, engine.settings.max_images_per_request)
+    top_k = _top_k(query_top_k, inputs.options["top_k"], "top_k" in inputs.given)
     info = engine.backend.info
     if not info.has_head:
         raise NoHeadError(f"model {info.model_id!r} has no classification head; load a head or use /embed")
     result = await infer(request, engine, inputs.images, ["logits"])
     logits = np.stack([row["logits"] for row in result.rows])  # (n, C)
-    predictions = top_k_predictions(logits, inputs.options["top_k"], info.labels)
+    predictions = top_k_predictions(logits, top_k, info.labels)
     return _json(
         {
             "predictions": predictions,

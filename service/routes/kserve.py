@@ -85,11 +85,13 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 
 
 @router.get("/health/live", summary="Liveness (KServe v2): 200 while the process can serve", responses=_errors(503))
+@router.head("/health/live", include_in_schema=False)  # load balancers probe with HEAD
 async def live(engine: EngineDep) -> Response:
     return Response(status_code=200 if engine.alive else 503)
 
 
 @router.get("/health/ready", summary="Readiness (KServe v2): 200 once the model is ready", responses=_errors(503))
+@router.head("/health/ready", include_in_schema=False)
 async def ready(engine: EngineDep) -> Response:
     return Response(status_code=200 if engine.ready else 503)
 

@@ -1,4 +1,7 @@
-"""Operations routes: liveness, readiness, what is served, metrics."""
+"""Operations routes: liveness, readiness, what is served, metrics.
+
+Liveness and readiness answer HEAD like GET (status and headers, no body): load balancers probe with HEAD. /info
+and /readyz are unauthenticated, so they carry names and sha256 hashes, never server paths (service.redact)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from service.deps import EngineDep, MetricsDep
 from service.metrics import CONTENT_TYPE_LATEST
+from service.redact import redact_paths
 
 __all__ = ["router"]
 
@@ -16,6 +20,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", summary="Liveness: the process answers and its batcher is alive")
+@router.head("/healthz", include_in_schema=False)  # the same answer without a body
 async def healthz(engine: EngineDep) -> JSONResponse:
     alive = engine.alive
     return JSONResponse(
@@ -23,6 +28,7 @@ async def healthz(engine: EngineDep) -> JSONResponse:
     )
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     summary="Readiness: loaded, warmed up, self-checked, not draining",
@@ -30,7 +36,7 @@ async def healthz(engine: EngineDep) -> JSONResponse:
 )
 async def readyz(engine: EngineDep) -> JSONResponse:
     ready = engine.ready
-    body: dict[str, Any] = {"status": engine.status if not ready else "ready", "reason": engine.reason}
+    body: dict[str, Any] = {"status": engine.status if not ready else "ready", "reason": redact_paths(engine.reason)}
     if engine.golden is not None:
         body["self_check"] = engine.golden.status
     return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "1"})
@@ -38,7 +44,7 @@ async def readyz(engine: EngineDep) -> JSONResponse:
 
 @router.get("/info", summary="Model, backend, limits, self-check result and embedding recipes")
 async def info(engine: EngineDep) -> JSONResponse:
-    return JSONResponse(engine.describe())
+    return JSONResponse(redact_paths(engine.describe()))
 
 
 @router.get("/metrics", summary="Prometheus exposition", response_class=Response)

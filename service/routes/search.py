@@ -17,7 +17,7 @@ from service.errors import InvalidRequestError, TooManyItemsError
 from service.index import ItemNotFoundError, SearchHit, VectorIndex
 from service.inputs import parse_inputs
 from service.retrieval import Retrieval
-from service.routes.inference import infer, text_routes
+from service.routes.inference import infer, query_params, text_routes
 from service.schemas import ErrorResponse
 from service.search_schemas import (
     AddItemsRequest,
@@ -72,6 +72,20 @@ async def _embed(request: Request, engine: Engine, retrieval: Retrieval, images:
     return np.stack([row[retrieval.output] for row in result.rows])
 
 
+_ITEMS = "/index/items/"
+
+
+def _exact_id(request: Request, item_id: str) -> str:
+    """The id exactly as the URL names it. Starlette anchors `{item_id:path}` with `$`, which also matches before a
+    trailing newline: `/index/items/victim%0A` arrives as item_id "victim" and would name another item. The route
+    path's tail after the prefix is the id, newline included (ids with control characters are refused at insert,
+    so such a name answers 404, unless an index written before that rule holds it)."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        path = path[len(root) :]
+    return path[len(_ITEMS) :] if path.startswith(_ITEMS) else item_id
+
+
 def _result(hits: list[SearchHit]) -> dict[str, Any]:
     return {"ids": [h.id for h in hits], "scores": [h.score for h in hits], "metadata": [h.metadata for h in hits]}
 
@@ -87,6 +101,7 @@ def _result(hits: list[SearchHit]) -> dict[str, Any]:
     "LiT models also take `text` or `texts` (TextSearchRequest).",
 )
 async def search(request: Request, engine: EngineDep, retrieval: RetrievalDep) -> JSONResponse:
+    query_params(request)  # options go in the body: an unknown query parameter is refused, not ignored
     index = retrieval.require()
     if (body := await text_routes().text_body(request)) is not None:  # `text` / `texts`: the LiT text tower
         return await text_routes().search_text(request, engine, body)
@@ -119,6 +134,7 @@ async def search(request: Request, engine: EngineDep, retrieval: RetrievalDep) -
     "is fsynced to the index's write-ahead log.",
 )
 async def add_items(request: Request, engine: EngineDep, retrieval: RetrievalDep) -> JSONResponse:
+    query_params(request)
     index = retrieval.require()
     inputs = await parse_inputs(request, AddItemsRequest, engine.settings.max_images_per_request)
     body = inputs.options
@@ -142,8 +158,11 @@ async def add_items(request: Request, engine: EngineDep, retrieval: RetrievalDep
     responses=_errors(404, 409, 503),
     summary="One stored item: its metadata (and unit vector with ?vector=true)",
 )
-async def get_item(item_id: str, retrieval: RetrievalDep, vector: Annotated[bool, Query()] = False) -> JSONResponse:
+async def get_item(
+    request: Request, item_id: str, retrieval: RetrievalDep, vector: Annotated[bool, Query()] = False
+) -> JSONResponse:
     index = retrieval.require()
+    item_id = _exact_id(request, item_id)
     item = await retrieval.call(index.get, item_id, with_vector=vector)
     body: dict[str, Any] = {"id": item.id, "metadata": item.metadata}
     if item.vector is not None:
@@ -157,8 +176,9 @@ async def get_item(item_id: str, retrieval: RetrievalDep, vector: Annotated[bool
     responses=_errors(401, 403, 404, 409, 422, 503),
     summary="Delete an item (durable when answered); 404 when it is not there",
 )
-async def delete_item(item_id: str, retrieval: RetrievalDep) -> JSONResponse:
+async def delete_item(request: Request, item_id: str, retrieval: RetrievalDep) -> JSONResponse:
     index = retrieval.require()
+    item_id = _exact_id(request, item_id)
     if not await retrieval.call(index.delete, [item_id]):
         raise ItemNotFoundError(item_id)
     return JSONResponse({"deleted": item_id, "size": len(index)})
