@@ -10,6 +10,7 @@ index. SIGTERM handling (readiness first, then drain) lives in `service.server`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -127,5 +128,12 @@ def create_app(
 
 def create_app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory service.main:create_app_from_env` and multi-worker serving: settings from
-    the AIM_* environment."""
-    return create_app(Settings())
+    the AIM_* environment. /info "worker" says which process answered (several workers share one port)."""
+    settings = Settings()
+    app = create_app(settings)
+    app.state.engine.describers["worker"] = lambda: {
+        "pid": os.getpid(),
+        "workers": settings.workers,
+        "metrics": "merged over workers" if app.state.metrics.multiprocess_dir else "this process",
+    }
+    return app
