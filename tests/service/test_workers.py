@@ -8,35 +8,33 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import Counter, Gauge, Histogram, values
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import ServiceMetrics
+from aimcore import AimModel
+from service.backends.autoselect import SHARED_DIR_ENV, Candidate, select_backend, torch_candidates
+from service.backends.base import InferenceBackend
+from service.metrics import MULTIPROC_ENV, ServiceMetrics, _InfoGauge
+from service.settings import Settings
 from tests.conftest import encode, make_photo
 from tests.service.test_drain import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Touches every metric of ServiceMetrics once (labelled ones with one label set), in multiprocess mode.
-TOUCH_ALL = textwrap.dedent(
-    """
-    from prometheus_client import Counter, Gauge, Histogram
-    from service.metrics import ServiceMetrics, _InfoGauge
-    m = ServiceMetrics(8)
-    assert m.multiprocess_dir is not None
-    for name, metric in vars(m).items():
+
+def _touch_all(m: ServiceMetrics) -> None:
+    """Every metric of ServiceMetrics once (labelled ones with one label set)."""
+    for metric in vars(m).values():
         if isinstance(metric, _InfoGauge):
             metric.info({"model_id": "x", "backend": "torch"})
             continue
-        if not isinstance(metric, (Counter, Gauge, Histogram)):
+        if not isinstance(metric, Counter | Gauge | Histogram):
             continue
         child = metric.labels(*["v"] * len(metric._labelnames)) if metric._labelnames else metric
         if isinstance(metric, Histogram):
@@ -45,21 +43,25 @@ TOUCH_ALL = textwrap.dedent(
             child.inc()
         else:
             child.set(1)
-    """
-)
 
 
-def test_every_metric_merges_across_processes(tmp_path: Path) -> None:
+def test_every_metric_merges_across_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two worker-like processes each count once: the merged exposition says 2 for counters, histograms and
     summed gauges, 1 for min/max gauges, and no metric is lost (Info is not supported in that mode) or split by pid."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", TOUCH_ALL], cwd=ROOT, env=env) for _ in range(2)]
-    assert [p.wait(timeout=60) for p in procs] == [0, 0]
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(tmp_path))
-    from prometheus_client import generate_latest
-
-    merged = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    # Two workers in this process: prometheus_client's multiprocess value store under two process ids (the real
+    # multi-process server is test_two_workers_share_metrics_and_backend).
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    stores = []
+    for pid in (1001, 1002):
+        stores.append(values.MultiProcessValue(lambda pid=pid: pid))
+        monkeypatch.setattr(values, "ValueClass", stores[-1])
+        worker = ServiceMetrics(8)
+        assert worker.multiprocess_dir == str(tmp_path)
+        _touch_all(worker)
+    for store in stores:
+        store.close_all_files()
+    merged = {f.name: f for f in text_string_to_metric_families(worker.exposition().decode())}
+    monkeypatch.undo()
     local = ServiceMetrics(8)  # this process: no multiprocess dir, the per-app registry as before
     assert local.multiprocess_dir is None
     expected = {f.name for f in local.registry.collect()}
@@ -75,6 +77,39 @@ def test_every_metric_merges_across_processes(tmp_path: Path) -> None:
     # Every gauge chose how workers combine (the default "all" would split each series by pid).
     gauges = [g for g in vars(local).values() if isinstance(g, Gauge)] + [local.model_info.gauge]
     assert all(g._multiprocess_mode != "all" for g in gauges)
+
+
+def test_autoselect_choice_is_made_once_and_shared(
+    tmp_path: Path, debug_model: AimModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a multi-worker parent the first worker measures every candidate and leaves its choice; a later worker
+    builds only the chosen one (no timing), and both selections say who measured."""
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
+    settings = Settings(precision="fp32", max_batch_size=4, autoselect_seconds=0.2)
+    builds: list[str] = []
+
+    def candidates() -> list[Candidate]:
+        out = []
+        for c in torch_candidates(debug_model, settings, "cpu", "aim-debug") * 2:  # two passing: timing happens
+            name = f"{c.name}-{len(out)}"
+
+            def build(c: Candidate = c, name: str = name) -> InferenceBackend:
+                builds.append(name)
+                return c.build()
+
+            out.append(Candidate(name, build))
+        return out
+
+    first, _, sel1 = select_backend(candidates(), debug_model, settings)
+    assert sorted(builds) == ["torch-fp32-0", "torch-fp32-1"] and sel1.shared["role"] == "measured"
+    builds.clear()
+    second, backend, sel2 = select_backend(candidates(), debug_model, settings)
+    assert builds == [first.name] and second.name == first.name and backend.info.precision == "fp32"
+    assert sel2.shared == {"role": "reused", "measured_by_pid": os.getpid(), "pid": os.getpid()}
+    assert [m.images_per_s for m in sel2.measurements] == pytest.approx(
+        [m.images_per_s for m in sel1.measurements], abs=0.01
+    )
+    assert sel2.to_dict()["shared"]["role"] == "reused"
 
 
 def _client_pid(client: httpx.Client) -> int:
