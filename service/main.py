@@ -130,6 +130,10 @@ def create_app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory service.main:create_app_from_env` and multi-worker serving: settings from
     the AIM_* environment. /info "worker" says which process answered (several workers share one port)."""
     settings = Settings()
+    if not logging.getLogger().handlers:  # a spawned worker does not inherit the entry point's logging setup
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+        )
     app = create_app(settings)
     app.state.engine.describers["worker"] = lambda: {
         "pid": os.getpid(),
