@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -186,5 +187,16 @@ def create_app(
 
 def create_app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory service.main:create_app_from_env` and multi-worker serving: settings from
-    the AIM_* environment."""
-    return create_app(Settings())
+    the AIM_* environment. /info "worker" says which process answered (several workers share one port)."""
+    settings = Settings()
+    if not logging.getLogger().handlers:  # a spawned worker does not inherit the entry point's logging setup
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+        )
+    app = create_app(settings)
+    app.state.engine.describers["worker"] = lambda: {
+        "pid": os.getpid(),
+        "workers": settings.workers,
+        "metrics": "merged over workers" if app.state.metrics.multiprocess_dir else "this process",
+    }
+    return app

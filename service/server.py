@@ -13,18 +13,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from service.backends.autoselect import SHARED_DIR_ENV
 from service.engine import Engine
 from service.listener import accept_queue_length, refuse_new_connections
 from service.main import create_app
+from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
 
 __all__ = ["DrainingServer", "serve"]
@@ -115,16 +120,75 @@ def serve(settings: Settings) -> int:
     # throughput for loop latency (measured side by side in benchmarks/serve.py --compare-switch).
     sys.setswitchinterval(settings.switch_interval_ms / 1000)
     if settings.workers > 1:
-        # Each worker process builds its own app from the environment: hand the effective settings down.
-        for name, value in settings.model_dump(mode="json").items():
-            if value is None:
+        return _serve_workers(settings)
+    server = build_server(settings)
+    logger.info("serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    server.run()
+    return server.exit_code
+
+
+def _export_settings(settings: Settings) -> None:
+    """Each worker process builds its own app from the environment: hand the effective settings down."""
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        if name == "api_keys":
+            value = ",".join(k.get_secret_value() for k in settings.api_keys)
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        os.environ[f"AIM_{name.upper()}"] = str(value)
+
+
+def _reap_dead_workers(metrics_dir: Path, parent_pid: int, stop: threading.Event, every_s: float = 1.0) -> None:
+    """Drop the live-gauge files of workers that are gone (crashed, restarted by uvicorn, or exited), so their
+    last in-flight / queue values stop counting; their counters and histograms stay in the totals."""
+    from prometheus_client import multiprocess
+
+    while not stop.wait(every_s):
+        for pid in {int(f.stem.rsplit("_", 1)[1]) for f in metrics_dir.glob("gauge_live*_*.db")}:
+            if pid == parent_pid:
                 continue
-            if name == "api_keys":
-                value = ",".join(k.get_secret_value() for k in settings.api_keys)
-            elif isinstance(value, list):
-                value = ",".join(str(v) for v in value)
-            os.environ[f"AIM_{name.upper()}"] = str(value)
-        logger.warning("%d workers: each loads the model; the drain grace period is uvicorn's", settings.workers)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                multiprocess.mark_process_dead(pid, str(metrics_dir))
+                logger.info("worker %d is gone: its live gauges are dropped from /metrics", pid)
+            except PermissionError:  # alive under another user (pid reused): not ours to judge
+                pass
+
+
+def _serve_workers(settings: Settings) -> int:
+    """`workers > 1`: uvicorn's multi-process supervisor, one coherent /metrics, one backend choice.
+
+    The parent creates a private directory before any worker starts: `prometheus/` for prometheus_client's
+    multiprocess files (PROMETHEUS_MULTIPROC_DIR, read by every worker's /metrics), and the autoselect hand-off
+    file (service.backends.autoselect: the first worker measures under a file lock, the others serve its choice).
+    It is removed at exit, so counts never leak between runs. Drain: uvicorn's supervisor forwards SIGTERM /
+    SIGINT to every worker at once; each stops accepting, finishes its in-flight requests within
+    `drain_timeout_s` and runs the lifespan shutdown (queued images are computed), but there is no `drain_grace_s`
+    period with /readyz 503 first (the workers run uvicorn's own Server, not DrainingServer): put the grace period
+    in the orchestrator (a preStop sleep) instead. docs/SERVICE.md "Several workers".
+    """
+    _export_settings(settings)
+    root = Path(tempfile.mkdtemp(prefix="aim-workers-"))
+    metrics_dir = root / "prometheus"
+    metrics_dir.mkdir()
+    if os.environ.get(MULTIPROC_ENV):
+        logger.warning("%s=%s replaced by a fresh private %s", MULTIPROC_ENV, os.environ[MULTIPROC_ENV], metrics_dir)
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    os.environ[SHARED_DIR_ENV] = str(root)
+    stop = threading.Event()
+    reaper = threading.Thread(
+        target=_reap_dead_workers, args=(metrics_dir, os.getpid(), stop), name="aim-metrics-reaper", daemon=True
+    )
+    reaper.start()
+    logger.info("workers' metrics and backend choice shared through %s", root)
+    logger.warning(
+        "%d workers: each loads the model (the first measures the backends, the others serve its choice); "
+        "/metrics merges all workers; no drain grace period (uvicorn's supervisor)",
+        settings.workers,
+    )
+    try:
         uvicorn.run(
             "service.main:create_app_from_env",
             factory=True,
@@ -133,10 +197,12 @@ def serve(settings: Settings) -> int:
             workers=settings.workers,
             log_config=None,
             access_log=False,
-            timeout_graceful_shutdown=int(settings.drain_timeout_s),
+            timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
         )
-        return 0
-    server = build_server(settings)
-    logger.info("serving on http://%s:%d (docs at /docs)", settings.host, settings.port)
-    server.run()
-    return server.exit_code
+    finally:
+        stop.set()
+        reaper.join(timeout=5)
+        shutil.rmtree(root, ignore_errors=True)
+        for name in (MULTIPROC_ENV, SHARED_DIR_ENV):
+            os.environ.pop(name, None)
+    return 0

@@ -16,11 +16,19 @@ and is timed at the largest batch and at batch 1, in interleaved rounds (best of
 The fastest passing candidate at the largest batch is served; the others are released (with a single passing
 candidate nothing is timed). `/info` (backend.selection) and the metric `aim_backend_candidate_images_per_second`
 say what was measured and why the winner won.
+
+Several workers (`workers > 1`, service.server) make one choice: the parent names a private directory
+(`AIM_WORKERS_SHARED_DIR`); the first worker to take its file lock measures and writes the choice there, the others
+wait on the lock (so they never all measure at once on a small machine), then build and check only the chosen
+candidate, and serve it even where their own timing might have differed. `/info` backend.selection.shared says
+which worker measured.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -38,13 +46,30 @@ from service.backends.torch_backend import TorchBackend, cpu_has_fast_bf16
 from service.golden import _cosine_rows, golden_images, torch_reference
 from service.settings import Settings
 
-__all__ = ["INVARIANCE_TOL", "Candidate", "Measurement", "Selection", "check", "select_backend", "torch_candidates"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; each worker measures on its own
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "INVARIANCE_TOL",
+    "SHARED_DIR_ENV",
+    "Candidate",
+    "Measurement",
+    "Selection",
+    "check",
+    "select_backend",
+    "torch_candidates",
+]
 
 logger = logging.getLogger(__name__)
 
 # Max abs difference between an image's L2-normalised embedding alone and inside a busy batch.
 INVARIANCE_TOL = 1e-6
 TIMING_ROUNDS = 3
+# Set by the multi-worker parent (service.server): where the first worker leaves its choice for the others.
+SHARED_DIR_ENV = "AIM_WORKERS_SHARED_DIR"
+SHARED_FILE = "autoselect.json"
 
 
 @dataclass
@@ -81,9 +106,10 @@ class Selection:
     max_batch: int
     measurements: list[Measurement]
     seconds: float
+    shared: dict[str, Any] | None = None  # several workers: who measured, and that this one reused the choice
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "chosen": self.chosen,
             "rule": f"fastest at batch {self.max_batch} among candidates with cosine >= min_cosine to torch fp32 "
             f"and batch invariance <= {INVARIANCE_TOL:g}",
@@ -91,6 +117,9 @@ class Selection:
             "seconds": round(self.seconds, 2),
             "candidates": [m.to_dict() for m in self.measurements],
         }
+        if self.shared is not None:
+            out["shared"] = self.shared
+        return out
 
 
 def _normalised(v: np.ndarray) -> np.ndarray:
@@ -187,8 +216,52 @@ def select_backend(
     candidates: list[Candidate], reference_model: AimModel, settings: Settings
 ) -> tuple[Candidate, InferenceBackend, Selection]:
     """Build and measure every candidate; return the winner (built) and what was measured. Raises RuntimeError
-    when none passes."""
+    when none passes. Under a multi-worker parent the choice is made once and shared (module docstring)."""
+    shared = os.environ.get(SHARED_DIR_ENV)
+    if shared and fcntl is not None and Path(shared).is_dir():
+        return _select_shared(Path(shared), candidates, reference_model, settings)
+    return _measure_all(candidates, reference_model, settings)
+
+
+def _select_shared(
+    root: Path, candidates: list[Candidate], reference_model: AimModel, settings: Settings
+) -> tuple[Candidate, InferenceBackend, Selection]:
+    """The first worker under the lock measures and writes the choice; later ones serve it. A worker that dies
+    while measuring releases the lock with its process, and the next one measures instead."""
     t0 = time.perf_counter()
+    choice_file = root / SHARED_FILE
+    with open(root / "autoselect.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        if not choice_file.is_file():
+            cand, backend, selection = _measure_all(candidates, reference_model, settings)
+            selection.shared = {"role": "measured", "measured_by_pid": os.getpid(), "pid": os.getpid()}
+            tmp = choice_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "selection": selection.to_dict()}))
+            os.replace(tmp, choice_file)  # readers never see half a file
+            return cand, backend, selection
+        stored = json.loads(choice_file.read_text())
+    chosen = stored["selection"]["chosen"]
+    cand = next((c for c in candidates if c.name == chosen), None)
+    if cand is None:
+        raise RuntimeError(f"the shared backend choice {chosen!r} is not a candidate in this worker")
+    pixels, reference = _golden_inputs(reference_model)
+    backend = cand.build()
+    m = check(
+        backend, cand.name, pixels, reference, max_batch=settings.max_batch_size, min_cosine=settings.golden_min_cosine
+    )
+    if not m.eligible:
+        backend.close()
+        raise RuntimeError(f"the shared backend choice {chosen} fails in this worker: {m.why}")
+    fields = set(Measurement.__dataclass_fields__)
+    measured = [Measurement(**{k: v for k, v in d.items() if k in fields}) for d in stored["selection"]["candidates"]]
+    logger.info("autoselect: serving %s, measured by worker %d (checked here: %s)", chosen, stored["pid"], m.why)
+    selection = Selection(chosen, settings.max_batch_size, measured, time.perf_counter() - t0)
+    selection.shared = {"role": "reused", "measured_by_pid": stored["pid"], "pid": os.getpid()}
+    return cand, backend, selection
+
+
+def _golden_inputs(reference_model: AimModel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The golden images preprocessed for the model, (K, 3, S, S), and torch fp32 batch-1 outputs on them."""
     pre = getattr(reference_model, "preprocess_config", None) or PreprocessConfig.for_size(
         reference_model.config.img_size
     )
@@ -198,7 +271,14 @@ def select_backend(
         size = reference_model.config.img_size
         pre = replace(pre, mode="resize_crop", resize_size=max(pre.resize_size, size), img_size=size)
     pixels = np.stack([preprocess(Image.fromarray(img), pre) for img in golden_images()])  # (K, 3, S, S)
-    reference = torch_reference(reference_model, pixels)
+    return pixels, torch_reference(reference_model, pixels)
+
+
+def _measure_all(
+    candidates: list[Candidate], reference_model: AimModel, settings: Settings
+) -> tuple[Candidate, InferenceBackend, Selection]:
+    t0 = time.perf_counter()
+    pixels, reference = _golden_inputs(reference_model)
     max_batch = settings.max_batch_size
     measurements: list[Measurement] = []
     built: list[tuple[Candidate, InferenceBackend, Measurement]] = []
