@@ -15,14 +15,13 @@ are `model.preprocess(image)` and `preprocess(image, model.preprocess_config)`; 
 keeps the shorter side >= resize_size (`Image.draft`), then ONE bicubic resample takes the centre crop's source box
 straight to img_size (nothing outside the crop is resampled; `reducing_gap` box-reduces huge sources first).
 `pixels_uint8` gives those pixels as uint8 (3, S, S) and `normalize` turns a uint8 stack into the model's float32
-input in one table lookup per value, the same float32 arithmetic as the exact path, so the service normalises a
-whole batch at once instead of each image.
+input with the exact path's float32 arithmetic (same bits), so the service normalises a whole batch at once, in
+place, instead of each image (and hands the decode threads' uint8 pixels, a quarter of the bytes, to the batcher).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -332,35 +331,73 @@ def _fast_draft(image: Image.Image, cfg: PreprocessConfig) -> float:
     return _draft(image, cfg.resize_size)
 
 
-def _fast_resize(small: Image.Image, size: tuple[int, int], scale: float, cfg: PreprocessConfig) -> Image.Image:
-    """Fast mode's resample: `small` (8-bit, drafted by `scale`) of an image whose EXIF-oriented original size is
-    `size` -> the 8-bit RGB crop, in one bicubic pass over the crop's source box. The geometry is the exact path's,
-    computed on the original size, so only the arithmetic of the resample differs."""
+def _oriented_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], orientation: int
+) -> tuple[float, float, float, float]:
+    """`box` in an image of `size`, after the EXIF `orientation`'s transposition (as `ImageOps.exif_transpose`)."""
+    w, h = size
+    maps = {
+        2: lambda x, y: (w - x, y),  # mirror
+        3: lambda x, y: (w - x, h - y),  # rotate 180
+        4: lambda x, y: (x, h - y),  # flip
+        5: lambda x, y: (y, x),  # transpose
+        6: lambda x, y: (h - y, x),  # rotate 90 clockwise
+        7: lambda x, y: (h - y, w - x),  # transverse
+        8: lambda x, y: (y, w - x),  # rotate 90 counter-clockwise
+    }
+    if orientation not in maps:
+        return box
+    xs, ys = zip(*(maps[orientation](x, y) for x in box[::2] for y in box[1::2]), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _fast_resize(
+    small: Image.Image, size: tuple[int, int], valid: tuple[float, float, float, float], cfg: PreprocessConfig
+) -> Image.Image:
+    """Fast mode's resample -> the 8-bit RGB crop, in one bicubic pass over the crop's source box.
+
+    `small` is the decoded (maybe drafted), EXIF-oriented 8-bit image; the original it came from is `size`
+    (oriented) and covers the region `valid` of `small` (a drafted JPEG's last block row/column is partial, and the
+    EXIF rotation may move it to the top or left). The geometry is the exact path's, computed on the original size,
+    so only the arithmetic of the resample differs."""
     width, height = size
+    x0, y0, x1, y1 = valid
     if cfg.mode == "native":
         out = _native_size(width, height, cfg)
-        box: tuple[float, float, float, float] = (0.0, 0.0, width / scale, height / scale)
+        box = valid
     else:
         rw, rh = resize_shorter_side(width, height, cfg.resize_size)
         left, top, right, bottom = center_crop_box(rw, rh, cfg.img_size)
-        if scale == 1.0 and (rw, rh) == (width, height):
+        if valid == (0.0, 0.0, width, height) and (rw, rh) == (width, height):
             small = small.crop((left, top, right, bottom))  # already at size: the exact crop
             return small if small.mode == "RGB" else small.convert("RGB")
-        fx, fy = width / rw / scale, height / rh / scale  # source pixels per resized pixel
+        fx, fy = (x1 - x0) / rw, (y1 - y0) / rh  # source pixels per resized pixel
         out = (cfg.img_size, cfg.img_size)
-        box = (left * fx, top * fy, right * fx, bottom * fy)
+        box = (x0 + left * fx, y0 + top * fy, x0 + right * fx, y0 + bottom * fy)
     if out != small.size or box != (0.0, 0.0, *small.size):
         small = small.resize(out, Image.Resampling.BICUBIC, box=box, reducing_gap=FAST_REDUCING_GAP)
     return small if small.mode == "RGB" else small.convert("RGB")
 
 
-def _fast_rgb(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Fast mode up to the 8-bit RGB crop: draft, decode, then one resample of the crop's source box."""
+def _fast_decode(
+    image: Image.Image, cfg: PreprocessConfig
+) -> tuple[Image.Image, tuple[int, int], tuple[float, float, float, float]]:
+    """Fast mode's draft + decode + `to_8bit`: (8-bit oriented image, original oriented size, valid region)."""
     w0, h0 = image.size
     scale = _fast_draft(image, cfg)
-    raw = image.size
-    small = to_8bit(image)  # decodes; EXIF orientation may swap the sides
-    return _fast_resize(small, (h0, w0) if small.size != raw else (w0, h0), scale, cfg)
+    drafted = image.size
+    orientation = image.getexif().get(0x0112, 1) if scale != 1.0 else 1
+    small = to_8bit(image)  # decodes; the EXIF orientation may swap the sides
+    size = (h0, w0) if small.size != drafted else (w0, h0)
+    if scale == 1.0:
+        return small, size, (0.0, 0.0, float(size[0]), float(size[1]))
+    return small, size, _oriented_box((0.0, 0.0, w0 / scale, h0 / scale), drafted, orientation)
+
+
+def _fast_rgb(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Fast mode up to the 8-bit RGB crop: draft, decode, then one resample of the crop's source box."""
+    small, size, valid = _fast_decode(image, cfg)
+    return _fast_resize(small, size, valid, cfg)
 
 
 def pixels_uint8(image: Image.Image, config: PreprocessConfig | None = None) -> np.ndarray:
@@ -371,29 +408,18 @@ def pixels_uint8(image: Image.Image, config: PreprocessConfig | None = None) -> 
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 
-@functools.lru_cache(maxsize=16)
-def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(3, 256) float32: every 8-bit value through the exact path's arithmetic (float32 /255, -mean, /std), so a
-    lookup gives the same bits as computing it."""
-    values = np.arange(256, dtype=np.float32)[None, :].repeat(3, axis=0)
-    values /= np.float32(255.0)
-    table = (values - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
-    table.setflags(write=False)
-    return table
-
-
 def normalize(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """uint8 (3, H, W) or (B, 3, H, W) -> float32 of the same shape, normalised with the recipe's mean/std.
 
-    One lookup per value into a 256-entry table per channel: bit-identical to `preprocess`'s float arithmetic and
-    one pass over the batch, instead of five float passes per image."""
+    The exact path's float32 operations in the same order (/255, -mean, /std), so the bits are the same, but in
+    place on one buffer: on a (32, 3, 224, 224) batch that is ~8x faster than the same arithmetic with temporaries,
+    whose fresh pages cost more than the arithmetic."""
     if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4) or pixels.shape[-3] != 3:
         raise ValueError(f"normalize needs uint8 (3, H, W) or (B, 3, H, W), got {pixels.dtype} {pixels.shape}")
-    table = _normalize_table(config.mean, config.std)
-    out = np.empty(pixels.shape, dtype=np.float32)
-    for c in range(3):
-        # mode="clip" (a no-op for uint8 indices) lets numpy write into the strided view without a buffer.
-        np.take(table[c], pixels[..., c, :, :], out=out[..., c, :, :], mode="clip")
+    out = pixels.astype(np.float32)
+    out /= np.float32(255.0)
+    out -= np.asarray(config.mean, dtype=np.float32)[:, None, None]
+    out /= np.asarray(config.std, dtype=np.float32)[:, None, None]
     return out
 
 

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,7 +39,7 @@ Row = dict[str, np.ndarray]  # output name -> this image's row, e.g. {"embedding
 
 @dataclass(eq=False)
 class _Item:
-    pixels: np.ndarray  # (C, S, S) float32
+    pixels: np.ndarray  # (C, S, S) float32, or uint8 that `stack` normalises (fast preprocessing)
     outputs: frozenset[str]
     deadline: float  # time.monotonic() seconds
     future: asyncio.Future[Row]
@@ -89,8 +89,10 @@ class DynamicBatcher:
         max_wait_s: float,
         max_queue: int,
         metrics: ServiceMetrics | None = None,
+        stack: Callable[[Sequence[np.ndarray]], np.ndarray] = np.stack,
     ) -> None:
         self.backend = backend
+        self._stack = stack  # items' pixels -> the backend's batch (the decoder's: normalises uint8 pixels)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -302,7 +304,7 @@ class DynamicBatcher:
                     rows[i] = row
             return rows  # type: ignore[return-value]
         try:
-            out = self.backend.infer(np.stack(pixels), outputs)
+            out = self.backend.infer(self._stack(pixels), outputs)
             return [{k: v[i] for k, v in out.items()} for i in range(len(pixels))]
         except Exception as exc:
             if len(pixels) == 1:

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         2_000_000, ge=0, description="JPEGs above this many pixels decode at a reduced DCT scale (0 = never)"
     )
     decode_workers: int = Field(2, ge=1, le=64, description="threads decoding images")
+    preprocess_mode: Literal["exact", "fast"] = Field(
+        "exact",
+        description="exact: the reference transform bit for bit; fast: JPEG DCT draft + one resample of the crop "
+        "+ per-batch normalisation (close to, not equal to, exact; recorded in the embedding recipe)",
+    )
 
     # ----- self-check and lifecycle -----
     golden_check: bool = Field(True, description="check outputs against reference outputs before ready")
