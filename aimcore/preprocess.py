@@ -386,9 +386,11 @@ def _fast_decode(
     w0, h0 = image.size
     scale = _fast_draft(image, cfg)
     drafted = image.size
-    orientation = image.getexif().get(0x0112, 1) if scale != 1.0 else 1
+    orientation = image.getexif().get(0x0112, 1)
     small = to_8bit(image)  # decodes; the EXIF orientation may swap the sides
-    size = (h0, w0) if small.size != drafted else (w0, h0)
+    # A drafted image can be square when its original is not (ceil of w/8 and h/8): then only the tag tells.
+    swapped = small.size != drafted or (drafted[0] == drafted[1] and orientation in (5, 6, 7, 8))
+    size = (h0, w0) if swapped else (w0, h0)
     if scale == 1.0:
         return small, size, (0.0, 0.0, float(size[0]), float(size[1]))
     return small, size, _oriented_box((0.0, 0.0, w0 / scale, h0 / scale), drafted, orientation)
