@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,7 +40,7 @@ Row = dict[str, np.ndarray]  # output name -> this image's row, e.g. {"embedding
 
 @dataclass(eq=False)
 class _Item:
-    pixels: np.ndarray  # (C, S, S) float32
+    pixels: np.ndarray  # (C, S, S) float32, or uint8 that `stack` normalises (fast preprocessing)
     outputs: frozenset[str]
     deadline: float  # time.monotonic() seconds
     future: asyncio.Future[Row]
@@ -92,8 +92,10 @@ class DynamicBatcher:
         max_queue: int,
         metrics: ServiceMetrics | None = None,
         nice: int = 0,
+        stack: Callable[[Sequence[np.ndarray]], np.ndarray] = np.stack,
     ) -> None:
         self.backend = backend
+        self._stack = stack  # items' pixels -> the backend's batch (the decoder's: normalises uint8 pixels)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -319,7 +321,7 @@ class DynamicBatcher:
                     rows[i] = row
             return rows  # type: ignore[return-value]
         try:
-            out = self.backend.infer(np.stack(pixels), outputs)
+            out = self.backend.infer(self._stack(pixels), outputs)
             return [{k: v[i] for k, v in out.items()} for i in range(len(pixels))]
         except Exception as exc:
             if len(pixels) == 1:

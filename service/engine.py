@@ -9,6 +9,7 @@ balancer sends during the grace period.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -121,6 +122,9 @@ class Engine:
             if not self.golden.ok:
                 raise RuntimeError(f"self-check failed against {self.golden.reference}: {self.golden.message}")
             s = self.settings
+            # The self-check above ran the exact recipe (its references are exact). From here on, the served recipe
+            # carries the mode, so /embed's recipe and the index's fingerprint tell fast vectors from exact ones.
+            info.preprocess = dataclasses.replace(info.preprocess, fidelity=s.preprocess_mode)
             self.decoder = ImageDecoder(
                 info.preprocess,
                 DecodeLimits(
@@ -139,6 +143,7 @@ class Engine:
                 max_queue=s.max_queue,
                 metrics=self.metrics,
                 nice=s.worker_nice,
+                stack=self.decoder.stack,
             )
             await self.batcher.start()
             for hook in self.before_ready:
@@ -360,6 +365,7 @@ class Engine:
                 "num_classes": cfg.num_classes,
                 "labels": len(info.labels) if info.labels else None,
                 "preprocess": info.preprocess.to_dict(),
+                "preprocess_mode": info.preprocess.fidelity,
                 "licence": self._licence(),
                 "warnings": self.loaded.warnings,
             },

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         description="nice value added to the decode and compute threads so the event loop (admission, refusals, "
         "answers) gets the CPU first on a busy host; 0 leaves them at the process's priority",
     )
+    preprocess_mode: Literal["exact", "fast"] = Field(
+        "exact",
+        description="exact: the reference transform bit for bit; fast: JPEG DCT draft + one resample of the crop "
+        "+ per-batch normalisation (close to, not equal to, exact; recorded in the embedding recipe)",
+    )
 
     # ----- self-check and lifecycle -----
     golden_check: bool = Field(True, description="check outputs against reference outputs before ready")

@@ -9,6 +9,7 @@ service's and /search accepts it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -72,6 +73,9 @@ def _build(args: argparse.Namespace) -> int:
     }
     settings = Settings(**{k: v for k, v in given.items() if v is not None})
     loaded = create_backend(settings)
+    # AIM_PREPROCESS_MODE=fast builds with the fast recipe, so a fast-mode service can serve the index.
+    info = loaded.backend.info
+    info.preprocess = dataclasses.replace(info.preprocess, fidelity=settings.preprocess_mode)
     for warning in loaded.warnings:
         logger.warning("%s", warning)
     config = IndexConfig(

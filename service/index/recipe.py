@@ -3,7 +3,9 @@
 Vectors are only comparable when the same weights, pooling, preprocessing and normalisation made them. Every index
 stores its recipe; adds and searches must present the same one (as an `EmbeddingRecipe` or its fingerprint).
 
-Identity fields (part of the fingerprint): model_sha256, pooling, dim, normalization, attention, preprocess.
+Identity fields (part of the fingerprint): model_sha256, pooling, dim, normalization, attention, preprocess. The
+preprocess dict carries `fidelity: "fast"` for the service's `preprocess_mode=fast` (absent for exact, so exact
+recipes keep their fingerprints), so fast and exact vectors never share an index.
 Informational fields (recorded, not compared): model_id, backend, precision. fp32 PyTorch and fp16 TensorRT
 embeddings of one checkpoint agree to ~1e-3 cosine, far below neighbour gaps, so refusing them would only force
 needless rebuilds; the export manifests record the measured parity.
