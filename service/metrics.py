@@ -142,7 +142,7 @@ class ServiceMetrics:
             Gauge(
                 "aim_model_info",
                 "What is being served (value 1)",
-                ["model_id", "model_sha256", "flavor", "backend", "device", "precision"],
+                ["model_id", "model_sha256", "artifact_sha256", "flavor", "backend", "device", "precision"],
                 registry=r,
                 multiprocess_mode="livemax",
             )
