@@ -26,18 +26,24 @@ from service.errors import OverloadedError
 if TYPE_CHECKING:
     from service.engine import Engine
 
-__all__ = ["Admission", "Ticket", "guarded"]
+__all__ = ["INFERENCE_PATHS", "Admission", "Ticket", "guarded", "is_inference_path"]
 
-# POST routes whose body reaches the model or the index; everything else (health, info, metrics, GET/DELETE of an
-# item) passes untouched.
-_GUARDED = frozenset({"/embed", "/classify", "/analyze", "/search", "/v1/embeddings", "/index/items"})
+# Routes that run the model (also the API-key policy's "inference" scope), plus KServe's /v2/models/{name}/infer.
+INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search", "/v1/embeddings", "/analyze"})
+
+
+def is_inference_path(path: str) -> bool:
+    """`path` with any trailing slash removed."""
+    return path in INFERENCE_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 def guarded(method: str, path: str) -> bool:
+    """POSTs whose body reaches the model or the index; everything else (health, info, metrics, GET/DELETE of an
+    item) passes untouched."""
     if method != "POST":
         return False
     path = path.rstrip("/") or "/"
-    return path in _GUARDED or (path.startswith("/v2/models/") and path.endswith("/infer"))
+    return is_inference_path(path) or path == "/index/items"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission import Admission
+from service.admission import INFERENCE_PATHS, Admission, is_inference_path
 from service.errors import BodyTooLargeError, ServiceError, dialect_error
 from service.metrics import ServiceMetrics
 
@@ -30,7 +30,6 @@ __all__ = ["ApiKeyPolicy", "ServiceMiddleware"]
 PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/ui", "/ui/app.js", "/ui/app.css"}
 )
-INFERENCE_PATHS = frozenset({"/embed", "/classify", "/search", "/v1/embeddings", "/analyze"})
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 STAGES = ("decode", "queue", "compute")
 
@@ -55,7 +54,7 @@ class ApiKeyPolicy:
             return False
         if self.scope == "all":
             return True
-        if path in INFERENCE_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer")):
+        if is_inference_path(path):
             return self.scope == "inference"
         return method.upper() in MUTATING_METHODS
 
@@ -91,6 +90,14 @@ class ServiceMiddleware:
         self.admission = admission
         self.draining = draining
 
+    async def _refuse(
+        self, send: Send, path: str, endpoint: str, status: int, code: str, message: str, extra: list[Any] = ()
+    ) -> None:
+        """Answer an error before the app runs, counted like the app's own answers."""
+        self.metrics.record_failure(endpoint, code)
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        await self._send_error(send, path, status, code, message, extra)
+
     async def _send_error(
         self, send: Send, path: str, status: int, code: str, message: str, extra: list[Any] = ()
     ) -> None:
@@ -114,40 +121,37 @@ class ServiceMiddleware:
         status_box = {"status": 500}
 
         if self.policy.required(method, path) and not self.policy.accepts(headers):
-            self.metrics.record_failure(endpoint, "unauthorized")
-            self.metrics.requests.labels(endpoint, "401").inc()
-            await self._send_error(
+            await self._refuse(
                 send,
                 path,
+                endpoint,
                 401,
                 "unauthorized",
                 "this route needs an API key: Authorization: Bearer <key> or X-API-Key",
                 [(b"www-authenticate", b'Bearer realm="aim"')],
             )
             return
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            self.metrics.record_failure(endpoint, "body_too_large")
-            self.metrics.requests.labels(endpoint, "413").inc()
-            await self._send_error(
+        raw_length = headers.get(b"content-length")
+        declared = int(raw_length) if raw_length is not None and raw_length.isdigit() else None
+        if declared is not None and declared > self.max_body_bytes:
+            await self._refuse(
                 send,
                 path,
+                endpoint,
                 413,
                 "body_too_large",
-                f"body of {int(declared)} bytes exceeds the {self.max_body_bytes}-byte limit",
+                f"body of {declared} bytes exceeds the {self.max_body_bytes}-byte limit",
             )
             return
 
         ticket = None
         if self.admission is not None:
             try:  # before one byte of the body is read: not ready, expected wait, body bytes in flight
-                ticket = self.admission.enter(method, path, int(declared) if declared and declared.isdigit() else None)
+                ticket = self.admission.enter(method, path, declared)
             except ServiceError as exc:
-                self.metrics.record_failure(endpoint, exc.code)
-                self.metrics.requests.labels(endpoint, str(exc.http_status)).inc()
                 extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
                 extra.append((b"x-total-ms", _ms(time.perf_counter() - start).encode()))
-                await self._send_error(send, path, exc.http_status, exc.code, exc.message, extra)
+                await self._refuse(send, path, endpoint, exc.http_status, exc.code, exc.message, extra)
                 return
 
         received = 0
